@@ -1,0 +1,183 @@
+"""The `coreg` command line: a thin typer app over the stages.
+
+Options are generated from the config dataclasses in `pipeline/config.py`, so the CLI, the defaults and the
+resolved config written beside each output can never drift apart. Heavy libraries (torch, open_clip,
+transformers, datasets) are imported inside the commands: `coreg --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+from collections.abc import Callable
+from typing import Any, Optional
+
+import typer
+
+from pipeline import config as C
+from pipeline.errors import CoregError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Distil a vision-language model into a small classifier without manual labels (Co-Reg).",
+)
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "str | None": Optional[str]}  # noqa: UP045
+
+
+def _params(cls, *, prefix_skip: tuple[str, ...] = (), skip: tuple[str, ...] = (), positional: bool = True):
+    """typer parameters for a config dataclass: required fields become arguments, the rest options."""
+    params = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.name in prefix_skip:
+            continue
+        typ = _TYPES.get(str(f.type), str)
+        required = f.default is dataclasses.MISSING
+        help_ = f.metadata.get("help", "")
+        if required and positional:
+            default = typer.Argument(..., help=help_, show_default=False)
+        elif required:
+            continue
+        else:
+            default = typer.Option(f.default, help=help_)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=typ))
+    return params
+
+
+def _command(name: str, params: list[inspect.Parameter], body: Callable[[dict], Any], help_: str):
+    """Register a typer command whose signature is `params` and which calls body(kwargs)."""
+
+    def cmd(**kwargs):
+        try:
+            body(kwargs)
+        except CoregError as e:
+            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.secho("interrupted: finished work is saved; run the same command again to continue", err=True)
+            raise typer.Exit(130) from None
+
+    cmd.__signature__ = inspect.Signature(params)
+    cmd.__annotations__ = {p.name: p.annotation for p in params}
+    cmd.__doc__ = help_
+    cmd.__name__ = name
+    app.command(name, help=help_)(cmd)
+
+
+def _pick(cls, kwargs: dict, **overrides):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**{k: v for k, v in kwargs.items() if k in names}, **overrides})
+
+
+def _annotate(kw):
+    from stages import annotate
+
+    annotate.run(_pick(C.AnnotateConfig, kw))
+
+
+def _train(kw):
+    from stages import train
+
+    train.run(_pick(C.TrainConfig, kw))
+
+
+def _evaluate(kw):
+    from stages import evaluate
+
+    evaluate.run(_pick(C.EvaluateConfig, kw))
+
+
+_command(
+    "annotate",
+    _params(C.AnnotateConfig),
+    _annotate,
+    "Annotate an image folder with a VLM: writes a dataset of candidate label sets (HF datasets on disk).",
+)
+_command(
+    "train",
+    _params(C.TrainConfig),
+    _train,
+    "Train the student pair with Co-Reg (or a baseline --method) on an annotated dataset.",
+)
+_command(
+    "evaluate",
+    _params(C.EvaluateConfig),
+    _evaluate,
+    "Compare the student with the VLM's zero-shot predictions: report.json, report.md and figures.",
+)
+
+
+def _run_params():
+    """`coreg run IMAGES OUT`: every option of the three stages (shared names such as --seed appear once)."""
+    seen: set[str] = set()
+    params = []
+    for p in _params(C.AnnotateConfig, skip=()):
+        seen.add(p.name)
+        params.append(p)
+    for cls, skip in ((C.TrainConfig, ("annotated", "out")), (C.EvaluateConfig, ("model", "annotated", "out"))):
+        for p in _params(cls, skip=skip):
+            if p.name not in seen:
+                seen.add(p.name)
+                params.append(p)
+    return params
+
+
+def _run(kw):
+    from stages import run as run_stage
+
+    run_stage.run(
+        annotate=_pick(C.AnnotateConfig, kw),
+        train_kwargs={k: v for k, v in kw.items() if k in {f.name for f in dataclasses.fields(C.TrainConfig)}},
+        evaluate_kwargs={k: v for k, v in kw.items() if k in {f.name for f in dataclasses.fields(C.EvaluateConfig)}},
+    )
+
+
+_command(
+    "run",
+    _run_params(),
+    _run,
+    "annotate -> train -> evaluate in one go: OUT/annotated, OUT/model, OUT/report. Re-run to resume.",
+)
+
+
+def _predict(kw):
+    from stages import predict
+
+    predict.run(C.PredictConfig(**{**kw, "inputs": tuple(kw["inputs"])}))
+
+
+_predict_params = [
+    inspect.Parameter("model", inspect.Parameter.KEYWORD_ONLY, default=typer.Argument(..., help="model directory"), annotation=str),
+    inspect.Parameter(
+        "inputs", inspect.Parameter.KEYWORD_ONLY, default=typer.Argument(..., help="image files or folders"), annotation=list[str]
+    ),
+    *_params(C.PredictConfig, skip=("model", "inputs"), positional=False),
+]
+_command("predict", _predict_params, _predict, "Classify images with a trained student: CSV of path, class, probability, top-k.")
+
+
+def _export(kw):
+    from stages import export
+
+    export.run(**kw)
+
+
+_export_params = [
+    inspect.Parameter("model", inspect.Parameter.KEYWORD_ONLY, default=typer.Argument(..., help="model directory"), annotation=str),
+    inspect.Parameter("format", inspect.Parameter.KEYWORD_ONLY, default=typer.Option("onnx", help="onnx | torchscript"), annotation=str),
+    inspect.Parameter(
+        "out", inspect.Parameter.KEYWORD_ONLY, default=typer.Option(None, help="output file; default MODEL/model.<ext>"), annotation=Optional[str]  # noqa: UP045
+    ),
+]
+_command("export", _export_params, _export, "Export the student to ONNX or TorchScript (same probabilities as predict).")
+
+
+def main() -> None:  # pragma: no cover - `python -m pipeline.cli`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

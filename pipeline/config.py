@@ -1,0 +1,120 @@
+"""One flat, frozen dataclass per stage: each knob has one default here; typer options read these defaults;
+every run writes its resolved config beside its output (DESIGN.md habit 2).
+
+Defaults of `TrainConfig` are the published Co-Reg values (shared/docs/coreg-method.md §4) unless a comment
+says otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+def _f(default, help: str = ""):
+    """A field with its CLI help text (the CLI builds its options from these)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class AnnotateConfig:
+    images: str
+    out: str
+    classes: str | None = _f(None, "'a,b,c'; default: class sub-folder names")
+    classes_file: str | None = _f(None, "one class name per line")
+    test_dir: str | None = _f(None, "a labeled test split from another folder")
+    annotator: str = _f("clip", "clip | llava | synthetic")
+    model: str = _f("", "'' = the annotator's default (CLIP ViT-B-32, llava-hf/llava-1.5-7b-hf)")
+    pretrained: str = _f("", "'' = the annotator's default (CLIP: openai); a tag or a local weights file")
+    templates: str = _f("paper27", "paper27 | imagenet80 | a file with one template per line, {} = class name")
+    questions: str = _f("default", "LLaVA question wordings: default | a file, one per line")
+    candidates: str = _f("union", "union | topk:K | ratio:R | mass:M")
+    noise: str = _f("q=0.03,eta=0.2", "synthetic annotator only")
+    seed: int = _f(0, "")
+    batch_size: int = _f(64, "")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    num_workers: int = _f(2, "image decoding threads")
+    shard_size: int = _f(1024, "rows per resumable shard")
+    max_new_tokens: int = _f(12, "LLaVA answer length")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    annotated: str
+    out: str
+    method: str = _f("coreg", "")
+    arch: str = _f("preact_resnet18", "preact_resnet18 | small_cnn | timm:NAME")
+    timm_pretrained: bool = _f(False, "load pretrained timm weights (must be available locally)")
+    epochs: int = _f(800, "the loop runs epochs 0..epochs-1")
+    warmup_epochs: int = _f(50, "")
+    batch_size: int = _f(256, "per step, labeled and unlabeled each (warm-up uses 2x)")
+    image_size: int = _f(0, "0 = the training images' size (max side, capped at 224)")
+    lr: float = _f(0.01, "")
+    lr_min_ratio: float = _f(1e-3, "eta_min = lr * 0.1**3")
+    lr_period: int = _f(800, "cosine period in epochs, hard-coded to 800 in the paper's code; 0 = run length")
+    momentum: float = _f(0.9, "")
+    weight_decay: float = _f(5e-4, "")
+    hflip: bool = _f(True, "random horizontal flips; turn off where a flip changes the class (digits, signs)")
+    seed: int = _f(0, "")
+    cpu: bool = _f(False, "")
+    mixed_precision: str = _f("auto", "auto (bf16 on GPU, no on CPU) | no | bf16 | fp16")
+    compile: bool = _f(False, "")
+    num_workers: int = _f(2, "")
+    resume: bool = _f(False, "")
+    tensorboard: bool = _f(False, "")
+    # --- Co-Reg (method §3) ---
+    p_threshold: float = _f(0.5, "tau, GMM clean-probability threshold")
+    gmm_history: int = _f(5, "epochs of normalised division losses averaged before the GMM")
+    dist_align: bool = _f(True, "distribution alignment of division scores (code-only)")
+    k_views: int = _f(2, "weak views averaged for the self-prediction")
+    sharpen_t: float = _f(0.5, "")
+    mixup_alpha: float = _f(4.0, "")
+    lambda_u: float = _f(1.0, "")
+    rampup_epochs: int = _f(16, "")
+    proto_m: float = _f(0.999, "")
+    proto_t: float = _f(0.3, "")
+    cont_t: float = _f(0.07, "")
+    queue_size: int = _f(8192, "")
+    moco_m: float = _f(0.999, "")
+    proj_dim: int = _f(128, "")
+    lambda_proto: float = _f(0.1, "")
+    lambda_cont: float = _f(0.1, "")
+    start_cont: int = _f(10, "representation losses start at warmup_epochs + start_cont")
+    # ablations (paper Table 4)
+    co_pseudo_labels: bool = _f(True, "False: each network labels itself ('w/o Co-PL')")
+    use_unlabeled: bool = _f(True, "False: discard U ('w/o U')")
+    prototypes: bool = _f(True, "False: no prototype loss ('w/o proto')")
+    contrast: str = _f("noisy", "noisy (unconfident selection) | supcon ('w/ SupCont')")
+    predict_with: str = _f("ensemble", "ensemble (sum of both networks' logits) | net1 | net2")
+    save_every: int = _f(1, "checkpoint every N epochs")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    model: str
+    annotated: str
+    split: str = _f("test", "")
+    out: str | None = _f(None, "default MODEL/eval-<split>")
+    batch_size: int = _f(256, "")
+    cpu: bool = _f(False, "")
+    measure_vlm: bool = _f(True, "time the annotating VLM on the same images when it can be loaded")
+    overrule_sheet: int = _f(32, "images on the overrule contact sheet")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    model: str
+    inputs: tuple[str, ...]
+    out: str | None = _f(None, "CSV; default stdout")
+    batch_size: int = _f(256, "")
+    top_k: int = _f(3, "")
+    cpu: bool = _f(False, "")
+
+
+def to_dict(cfg) -> dict:
+    return asdict(cfg)
+
+
+def from_dict(cls, d: dict):
+    """Build a config from a dict, ignoring unknown keys (configs written by older versions)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})

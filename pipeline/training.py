@@ -1,0 +1,129 @@
+"""What a training method (Co-Reg or a baseline) gets from the loop, and what it gives back.
+
+The loop (`stages/train.py`) owns Accelerate, the data on the device, checkpoints and logging. A method owns
+its networks, optimisers and per-epoch logic. The two meet through `Context` (data + a `Dist` of plain
+callables) and the `Method` protocol, so the method code imports neither accelerate nor datasets.
+
+Randomness is *counter-based*: every random draw comes from `ctx.rng(...)`, a generator seeded from
+(seed, keys...) such as (epoch, step, net, view). A run therefore does not depend on the RNG state left by
+earlier epochs (resume is exact), and every process draws the same numbers for the *global* batch and takes
+its own rows (a 2-process run equals a 1-process run on batch-independent architectures).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+
+def derive_seed(seed: int, *keys: int | str) -> int:
+    """A 63-bit seed from a base seed and any keys; stable across runs, processes and Python versions."""
+    h = hashlib.blake2b(repr((seed, *keys)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class Dist:
+    """The distributed world as plain callables (identity functions for one process).
+
+    `gather(t)`: concatenate a tensor's rows from every process in rank order, no gradient.
+    `gather_grad(t)`: the same, but gradients flow back to each process's own rows.
+    `all_reduce_sum(t)`: elementwise sum over processes.
+    """
+
+    rank: int = 0
+    world: int = 1
+    gather: Callable[[Tensor], Tensor] = lambda t: t
+    gather_grad: Callable[[Tensor], Tensor] = lambda t: t
+    all_reduce_sum: Callable[[Tensor], Tensor] = lambda t: t
+
+    def rows(self, n: int) -> slice:
+        """This process's share of a global batch of n rows (n must be divisible by world)."""
+        assert n % self.world == 0, f"global batch {n} not divisible by {self.world} processes"
+        per = n // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+
+@dataclass
+class Context:
+    """Everything a method needs for one run. Tensors live on `device`; every process holds all rows."""
+
+    images: Tensor  # (N, 3, H, W) uint8, training images at training resolution
+    candidates: Tensor  # (N, C) bool, candidate sets (empty rows allowed)
+    trusted: Tensor  # (N,) bool, rows whose label training may use
+    trusted_label: Tensor  # (N,) long, the label on trusted rows, -1 elsewhere
+    vlm_probs: Tensor  # (N, C) float, annotator distribution
+    vlm_pred: Tensor  # (N,) long, annotator's top-1
+    augment: Any  # pipeline.augment.BatchAugment
+    dist: Dist
+    seed: int
+    device: torch.device
+    backward: Callable[[Tensor], None] = lambda loss: loss.backward()
+    autocast: Callable[[], AbstractContextManager] = nullcontext
+    progress: Callable[[Iterator, int, str], Iterator] = lambda it, total, desc: it
+    diag_label: Tensor | None = None  # (N,) long, ground truth for DIAGNOSTICS ONLY (-1 unknown); never train on it
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return self.candidates.shape[1]
+
+    def rng(self, *keys: int | str) -> torch.Generator:
+        """A generator on `device` seeded from (seed, keys): the same on every process."""
+        g = torch.Generator(device=self.device)
+        g.manual_seed(derive_seed(self.seed, *keys))
+        return g
+
+    def cpu_rng(self, *keys: int | str) -> torch.Generator:
+        g = torch.Generator()
+        g.manual_seed(derive_seed(self.seed, *keys))
+        return g
+
+
+class Method(Protocol):
+    """A training method. Built by its module's `build(cfg_dict, num_classes=..., make_net=...)`."""
+
+    name: str
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Every network (and momentum copy) to move to the device and checkpoint, by name."""
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Every optimiser, by name (checkpointed)."""
+
+    def train_epoch(self, epoch: int, ctx: Context) -> dict[str, float]:
+        """One epoch. Returns the epoch's metrics: each loss term, and method-specific counts."""
+
+    def predict_logits(self, x: Tensor, which: str = "default") -> Tensor:
+        """Logits on normalised images; `which` = default | ensemble | net1 | net2."""
+
+    def extra_state(self) -> dict[str, Tensor]:
+        """Tensors besides modules/optimisers that a resume needs (prototypes, queues, loss history)."""
+
+    def load_extra_state(self, state: dict[str, Tensor]) -> None: ...
+
+    def prediction_weights(self) -> dict[str, Tensor]:
+        """Weights for model.safetensors: keys `net1.<param>` (and `net2.<param>` for two-network methods)."""
+
+
+def cosine_lr(epoch: float, *, lr: float, min_ratio: float, period: int) -> float:
+    """Cosine from lr to lr*min_ratio over `period` epochs (the paper's code: period 800, min_ratio 1e-3)."""
+    eta_min = lr * min_ratio
+    t = min(epoch, period) / max(period, 1)
+    return eta_min + (lr - eta_min) * (1 + math.cos(math.pi * t)) / 2
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
