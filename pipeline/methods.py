@@ -1,0 +1,22 @@
+"""Registry of training methods: `--method NAME` -> the module that builds it.
+
+Each module exposes `build(cfg: TrainConfig, *, num_classes: int, make_net: Callable[[], Student]) -> Method`
+(see `pipeline/training.py` for the Method protocol) and a module docstring that cites its paper and lists
+its defaults.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from pipeline.errors import CoregError
+
+METHODS: dict[str, str] = {
+    "coreg": "pipeline.coreg.method",
+}
+
+
+def get_method_module(name: str):
+    if name not in METHODS:
+        raise CoregError(f"--method {name!r} is unknown; choose one of: {', '.join(METHODS)}")
+    return importlib.import_module(METHODS[name])
