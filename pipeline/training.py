@@ -117,6 +117,34 @@ class Method(Protocol):
         """Weights for model.safetensors: keys `net1.<param>` (and `net2.<param>` for two-network methods)."""
 
 
+def iterate_batches(
+    index: Tensor, *, batch_size: int, generator: torch.Generator, dist: Dist, drop_last: bool = True
+) -> Iterator[tuple[Tensor, Tensor, slice]]:
+    """Shuffle the global row ids `index` and yield (global_batch, local_batch, rows) per step.
+
+    Every process draws the same permutation and takes its `rows` of each global batch. The global batch is
+    rounded down to a multiple of the world size; with drop_last the final short batch is skipped (as the
+    paper's loaders do), unless it would leave no batch at all.
+    """
+    n = index.numel()
+    b = max(dist.world, (min(batch_size, n) // dist.world) * dist.world)
+    order = index[torch.randperm(n, generator=generator, device=generator.device).to(index.device)]
+    stop = (n // b) * b if (drop_last and n >= b) else n
+    for start in range(0, stop, b):
+        batch = order[start : start + b]
+        if batch.numel() % dist.world:  # a short last batch: trim so every process gets the same count
+            batch = batch[: (batch.numel() // dist.world) * dist.world]
+            if batch.numel() == 0:
+                break
+        rows = dist.rows(batch.numel())
+        yield batch, batch[rows], rows
+
+
+def steps_per_epoch(n: int, *, batch_size: int, world: int, drop_last: bool = True) -> int:
+    b = max(world, (min(batch_size, n) // world) * world)
+    return n // b if (drop_last and n >= b) else -(-n // b)
+
+
 def cosine_lr(epoch: float, *, lr: float, min_ratio: float, period: int) -> float:
     """Cosine from lr to lr*min_ratio over `period` epochs (the paper's code: period 800, min_ratio 1e-3)."""
     eta_min = lr * min_ratio
