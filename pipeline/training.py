@@ -102,6 +102,11 @@ class Method(Protocol):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """Every optimiser, by name (checkpointed)."""
 
+    def prepare(self, prepare: Callable[..., Any]) -> None:
+        """Hand the trainable networks and their optimisers to `prepare` (accelerator.prepare: device
+        placement, DDP, mixed precision) and keep the returned wrappers for the gradient forward passes.
+        The raw modules (from `modules()`) stay in use for no-grad forwards and for state dicts."""
+
     def train_epoch(self, epoch: int, ctx: Context) -> dict[str, float]:
         """One epoch. Returns the epoch's metrics: each loss term, and method-specific counts."""
 
