@@ -1,6 +1,7 @@
 """Registry of training methods: `--method NAME` -> the module that builds it.
 
-Each module exposes `build(cfg: TrainConfig, *, num_classes: int, make_net: Callable[[], Student]) -> Method`
+Each module exposes
+`build(cfg: TrainConfig, *, num_classes: int, make_net: Callable[[], Student], num_rows: int) -> Method`
 (see `pipeline/training.py` for the Method protocol) and a module docstring that cites its paper and lists
 its defaults.
 """

@@ -1,0 +1,250 @@
+"""Co-Reg (Wang et al., AAAI 2025, "Pre-Trained Vision-Language Models as Noisy Partial Annotators"): the
+per-epoch orchestration of shared/docs/coreg-method.md §3.0.
+
+    warm-up epochs: each network alone, partial CE + negative entropy (§3.1)
+    later epochs:   re-sync key encoders; divide with both networks (§3.2); train net1 on net2's split and
+                    net2 on net1's split (co-division, §3.3–§3.7)
+
+Defaults are the published ones (pipeline/config.py TrainConfig). Deviations, each documented where it
+happens: distribution alignment uses the mean over the whole pass rather than a running per-batch buffer
+(order-independent, so every process and every resume agrees); the prototype EMA is the vectorised closed
+form of the code's sequential update (§6.10); unfilled queue slots are masked instead of random (§6.11).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.coreg.division import (
+    LossHistory,
+    distribution_align,
+    division_loss,
+    gmm_clean_prob,
+    masked_scores,
+    minmax,
+    split,
+)
+from pipeline.coreg.prototypes import Prototypes
+from pipeline.coreg.queue import FeatureQueue, copy_weights
+from pipeline.coreg.step import StepNets, StepParams, coreg_step, warmup_step
+from pipeline.training import Context, cosine_lr, derive_seed, iterate_batches, set_lr, steps_per_epoch
+
+NETS = ("net1", "net2")
+
+
+class CoReg:
+    name = "coreg"
+
+    def __init__(self, cfg, *, num_classes: int, make_net: Callable[[], nn.Module], num_rows: int):
+        self.cfg, self.C = cfg, num_classes
+        self.raw = {n: make_net() for n in NETS}
+        self.keys = {n: copy.deepcopy(self.raw[n]).requires_grad_(False) for n in NETS}
+        self.queues = {n: FeatureQueue(cfg.queue_size, cfg.proj_dim, num_classes) for n in NETS}
+        self.history = {n: LossHistory(cfg.gmm_history, num_rows) for n in NETS}
+        self.protos = Prototypes(num_classes, cfg.proj_dim)
+        self.opts = {
+            n: torch.optim.SGD(self.raw[n].parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+            for n in NETS
+        }
+        self.wrapped = dict(self.raw)
+
+    # --- Method protocol -------------------------------------------------------------------------------
+    def modules(self) -> dict[str, nn.Module]:
+        mods: dict[str, nn.Module] = {"prototypes": self.protos}
+        for n in NETS:
+            mods[n], mods[f"{n}_key"] = self.raw[n], self.keys[n]
+            mods[f"{n}_queue"], mods[f"{n}_history"] = self.queues[n], self.history[n]
+        return mods
+
+    def optimizers(self):
+        return self.opts
+
+    def prepare(self, prepare) -> None:
+        for n in NETS:
+            self.wrapped[n], self.opts[n] = prepare(self.raw[n], self.opts[n])
+
+    def extra_state(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_extra_state(self, state) -> None:
+        pass
+
+    def prediction_weights(self) -> dict[str, Tensor]:
+        return {f"{n}.{k}": v.detach().cpu().contiguous() for n in NETS for k, v in self.raw[n].state_dict().items()}
+
+    @torch.no_grad()
+    def predict_logits(self, x: Tensor, which: str = "default") -> Tensor:
+        which = self.cfg.predict_with if which == "default" else which
+        names = NETS if which == "ensemble" else (which,)
+        out = 0
+        for n in names:
+            was = self.raw[n].training
+            self.raw[n].eval()
+            out = out + self.raw[n](x).float()
+            self.raw[n].train(was)
+        return out
+
+    # --- epochs ----------------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int, ctx: Context) -> dict[str, float]:
+        cfg = self.cfg
+        lr = cosine_lr(epoch, lr=cfg.lr, min_ratio=cfg.lr_min_ratio, period=cfg.lr_period or cfg.epochs)
+        for opt in self.opts.values():
+            set_lr(opt, lr)
+        cand = self._candidates(ctx)
+        if epoch < cfg.warmup_epochs:
+            metrics = {}
+            for i, n in enumerate(NETS):
+                metrics.update({f"{n}/{k}": v for k, v in self._warmup(epoch, i, n, ctx, cand).items()})
+            return {"phase": 0.0, "lr": lr, **metrics}
+        for n in NETS:  # code-only: key encoders re-synced at the start of every post-warm-up epoch (§3.6)
+            copy_weights(self.keys[n], self.raw[n])
+        div = {n: self._divide(epoch, i, n, ctx, cand) for i, n in enumerate(NETS)}  # both before training
+        metrics = {"phase": 1.0, "lr": lr}
+        for i, (n, partner) in enumerate((("net1", "net2"), ("net2", "net1"))):
+            m = self._train(epoch, i, n, partner, div[partner], div[n], ctx)
+            metrics.update({f"{n}/{k}": v for k, v in m.items()})
+        return metrics
+
+    def _candidates(self, ctx: Context) -> Tensor:
+        """Trusted rows (a few human labels) count as a one-hot candidate set."""
+        cand = ctx.candidates.clone()
+        t = ctx.trusted
+        if t.any():
+            cand[t] = F.one_hot(ctx.trusted_label[t], self.C).bool()
+        return cand
+
+    def _warmup(self, epoch, i, n, ctx, cand) -> dict[str, float]:
+        net, opt = self.wrapped[n], self.opts[n]
+        self.raw[n].train()
+        rows = torch.arange(ctx.n, device=ctx.device)
+        total = steps_per_epoch(ctx.n, batch_size=2 * self.cfg.batch_size, world=ctx.dist.world)
+        sums: dict[str, float] = {}
+        batches = iterate_batches(rows, batch_size=2 * self.cfg.batch_size, generator=ctx.rng("warm-order", epoch, i), dist=ctx.dist)
+        for step, (glob, loc, _) in enumerate(ctx.progress(batches, total, f"warm-up {n}")):
+            opt.zero_grad(set_to_none=True)
+            out = warmup_step(ctx, net, idx=loc, n=glob.numel(), candidates=cand, keys=("warm", epoch, i, step))
+            opt.step()
+            for k in ("loss", "partial_ce", "neg_entropy"):
+                sums[k] = sums.get(k, 0.0) + float(out[k])
+        return _mean_over(sums, total, ctx)
+
+    @torch.no_grad()
+    def _divide(self, epoch, i, n, ctx, cand) -> dict[str, Tensor]:
+        """§3.2 eval_train: weak view of every row in eval mode → DA → division loss → history → GMM → split."""
+        net, aug, N, dist = self.raw[n], ctx.augment, ctx.n, ctx.dist
+        net.eval()
+        params = aug.sample_weak(N, ctx.rng("divide", epoch, i))
+        per = -(-N // dist.world)
+        mine = torch.arange(dist.rank * per, min((dist.rank + 1) * per, N), device=ctx.device)
+        chunks = []
+        for c in mine.split(max(1, 4 * self.cfg.batch_size)):
+            with ctx.autocast():
+                chunks.append(net(aug.apply_weak(ctx.images[c], aug.select(params, c))).float().softmax(1))
+        probs = torch.cat(chunks) if chunks else torch.zeros(0, self.C, device=ctx.device)
+        # Equal shapes for the gather: only the last non-empty block is short, so after padding every block
+        # to `per` rows the first N gathered rows are exactly rows 0..N-1 in order.
+        probs = dist.gather(torch.cat([probs, probs.new_zeros(per - probs.shape[0], self.C)]))[:N]  # (N, C)
+        net.train()
+        if self.cfg.dist_align:
+            probs = distribution_align(probs, mean_probs=probs.mean(0))
+        loss = self.history[n].push(minmax(division_loss(probs, cand)))  # (N,) mean of the last epochs
+        w = torch.as_tensor(gmm_clean_prob(loss.cpu().numpy(), seed=derive_seed(ctx.seed, "gmm", epoch, i) % 2**32))
+        p_mask, w = split(w.to(ctx.device).float(), threshold=self.cfg.p_threshold, forced_clean=ctx.trusted)
+        scores = masked_scores(probs, cand)  # (N, C): trusted rows are one-hot since their set is
+        return {"w": w, "p": p_mask, "scores": scores}
+
+    def _train(self, epoch, i, n, partner, div, own, ctx) -> dict[str, float]:
+        cfg, dist = self.cfg, ctx.dist
+        p_rows = div["p"].nonzero().squeeze(1)
+        u_rows = (~div["p"]).nonzero().squeeze(1) if cfg.use_unlabeled else div["p"].new_zeros(0, dtype=torch.long)
+        n_steps = steps_per_epoch(p_rows.numel(), batch_size=cfg.batch_size, world=dist.world)
+        u_batch = max(dist.world, (min(cfg.batch_size, u_rows.numel()) // dist.world) * dist.world) if u_rows.numel() >= dist.world else 0
+        nets = StepNets(self.wrapped[n], self.raw[n], self.keys[n], self.queues[n], self.raw[partner], self.protos)
+        self.raw[n].train()
+        self.raw[partner].eval()
+        u_iter = _cycle(u_rows, u_batch, ctx, ("u-order", epoch, i))
+        sums: dict[str, float] = {}
+        hits = torch.zeros(4, device=ctx.device)  # pseudo-label correct / total on P, then on U (diagnostics)
+        batches = iterate_batches(p_rows, batch_size=cfg.batch_size, generator=ctx.rng("p-order", epoch, i), dist=dist)
+        for step, (p_glob, p_loc, _) in enumerate(ctx.progress(batches, n_steps, f"co-reg {n}")):
+            u_glob = next(u_iter)
+            u_loc = u_glob[dist.rows(u_glob.numel())] if u_glob.numel() else u_glob
+            t = epoch + step / max(n_steps, 1)
+            hp = self._step_params(epoch, t)
+            self.opts[n].zero_grad(set_to_none=True)
+            out = coreg_step(
+                ctx, nets, hp, p_idx=p_loc, u_idx=u_loc, n_p=p_glob.numel(), n_u=u_glob.numel(),
+                p_w=div["w"][p_loc], p_scores=div["scores"][p_loc],
+                p_self_scores=own["scores"][p_loc], p_self_w=own["w"][p_loc], keys=("step", epoch, i, step),
+            )
+            self.opts[n].step()
+            for k in ("loss", "l_x", "l_u", "proto", "cont"):
+                if k in out:
+                    sums[k] = sums.get(k, 0.0) + float(out[k])
+            if ctx.diag_label is not None:
+                for j, (rows, tgt) in enumerate(((p_loc, out["targets_p"]), (u_loc, out["targets_u"]))):
+                    lab = ctx.diag_label[rows]
+                    known = lab >= 0
+                    hits[2 * j] += (tgt.argmax(1)[known] == lab[known]).sum()
+                    hits[2 * j + 1] += known.sum()
+        self.raw[partner].train()
+        m = _mean_over(sums, n_steps, ctx)
+        m.update({"n_p": float(p_rows.numel()), "n_u": float(ctx.n - p_rows.numel()), "mean_w": float(div["w"].mean())})
+        if ctx.diag_label is not None:  # diagnostics only: never used for training or selection
+            hits = dist.all_reduce_sum(hits)
+            if hits[1] > 0:
+                m["diag_pseudo_acc_p"] = float(hits[0] / hits[1])
+            if hits[3] > 0:
+                m["diag_pseudo_acc_u"] = float(hits[2] / hits[3])
+            lab = ctx.diag_label
+            known_p = div["p"] & (lab >= 0)
+            if known_p.any():
+                m["diag_p_valid"] = float(ctx.candidates[known_p, lab[known_p]].float().mean())
+        return m
+
+    def _step_params(self, epoch: int, t: float) -> StepParams:
+        cfg = self.cfg
+        ramp = min(max((t - cfg.warmup_epochs) / max(cfg.rampup_epochs, 1e-8), 0.0), 1.0)  # §3.4 linear ramp
+        return StepParams(
+            k_views=cfg.k_views, sharpen_t=cfg.sharpen_t, mixup_alpha=cfg.mixup_alpha, lambda_u=cfg.lambda_u * ramp,
+            proto_m=cfg.proto_m, proto_t=cfg.proto_t, cont_t=cfg.cont_t, moco_m=cfg.moco_m,
+            lambda_proto=cfg.lambda_proto, lambda_cont=cfg.lambda_cont,
+            representation=epoch > cfg.warmup_epochs + cfg.start_cont,  # code-only delayed start (§3.7)
+            co_pseudo_labels=cfg.co_pseudo_labels, prototypes=cfg.prototypes, contrast=cfg.contrast,
+        )
+
+
+def _cycle(rows: Tensor, batch: int, ctx: Context, key: tuple):
+    """Endless global batches of `rows`, reshuffled on every pass (the U loader cycles, §3.3)."""
+    if batch == 0:
+        while True:
+            yield rows
+    k = 0
+    while True:
+        g = ctx.rng(*key, k)
+        order = rows[torch.randperm(rows.numel(), generator=g, device=g.device).to(rows.device)]
+        for s in range(0, order.numel() - batch + 1, batch):
+            yield order[s : s + batch]
+        k += 1
+
+
+def _mean_over(sums: dict[str, float], steps: int, ctx: Context) -> dict[str, float]:
+    """Per-step means of this process's losses, averaged over processes."""
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    v = ctx.dist.all_reduce_sum(torch.tensor([sums[k] for k in keys], device=ctx.device, dtype=torch.float64))
+    return {k: float(x) / max(steps, 1) / ctx.dist.world for k, x in zip(keys, v, strict=True)}
+
+
+def build(cfg, *, num_classes: int, make_net: Callable[[], nn.Module], num_rows: int) -> CoReg:
+    if cfg.contrast not in ("noisy", "supcon"):
+        from pipeline.errors import CoregError
+
+        raise CoregError(f"--contrast {cfg.contrast!r} is unknown; choose noisy or supcon")
+    return CoReg(cfg, num_classes=num_classes, make_net=make_net, num_rows=num_rows)
