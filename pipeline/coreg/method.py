@@ -45,7 +45,7 @@ class CoReg:
         self.raw = {n: make_net() for n in NETS}
         self.keys = {n: copy.deepcopy(self.raw[n]).requires_grad_(False) for n in NETS}
         self.queues = {n: FeatureQueue(cfg.queue_size, cfg.proj_dim, num_classes) for n in NETS}
-        self.history = {n: LossHistory(cfg.gmm_history, num_rows) for n in NETS}
+        self.history = {n: LossHistory(num_rows, history=cfg.gmm_history) for n in NETS}
         self.protos = Prototypes(num_classes, cfg.proj_dim)
         self.opts = {
             n: torch.optim.SGD(self.raw[n].parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

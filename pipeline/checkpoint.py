@@ -1,0 +1,75 @@
+"""Resumable training checkpoints: everything a run needs to continue exactly where it stopped.
+
+One file, `OUT/checkpoint.pt`, replaced atomically after each saved epoch: every module's state (networks,
+momentum encoders, queues, prototypes, loss histories), every optimiser, the method's extra tensors, the
+epoch, the resolved config and the RNG states. Because all training randomness is counter-based (see
+pipeline/training.py), resuming from epoch k gives the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import CoregError
+
+CHECKPOINT = "checkpoint.pt"
+# Options that may differ between a run and its resume: they change neither the computation nor its result
+# (`epochs` may grow to extend a run; with lr_period = 0 it changes the schedule, which is checked below).
+RESUME_FREE = {"resume", "num_workers", "tensorboard", "out", "annotated", "save_every", "epochs", "compile"}
+
+
+def save_checkpoint(out: Path, *, epoch: int, method, config: dict) -> None:
+    state = {
+        "epoch": epoch,
+        "config": config,
+        "modules": {k: m.state_dict() for k, m in method.modules().items()},
+        "optimizers": {k: o.state_dict() for k, o in method.optimizers().items()},
+        "extra": method.extra_state(),
+        "rng": {"torch": torch.get_rng_state()},
+    }
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".checkpoint.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, out / CHECKPOINT)  # a kill mid-write leaves the previous checkpoint intact
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def check_resumable(out: Path, config: dict) -> dict:
+    """Load the checkpoint and refuse one written with a different configuration (naming the options)."""
+    path = out / CHECKPOINT
+    if not path.is_file():
+        raise CoregError(f"{out}: --resume given but there is no {CHECKPOINT}; start without --resume")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CoregError(f"{path}: cannot read the checkpoint ({type(e).__name__}); delete it to start over") from None
+    old = state.get("config", {})
+    diff = sorted(k for k in set(old) | set(config) if k not in RESUME_FREE and old.get(k) != config.get(k))
+    if old.get("lr_period") == 0 and old.get("epochs") != config.get("epochs"):
+        diff.append("epochs (the cosine schedule follows the run length with --lr-period 0)")
+    if diff:
+        shown = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} -> {config.get(k)!r}" for k in diff[:4] if k in old)
+        raise CoregError(
+            f"{out}: the checkpoint was written with other options ({shown or ', '.join(diff)}); "
+            "resume with the original options or train into a new OUT"
+        )
+    return state
+
+
+def restore(state: dict, method) -> int:
+    """Load a checkpoint's state into a freshly built method; returns the first epoch still to run."""
+    mods, opts = method.modules(), method.optimizers()
+    for k, m in mods.items():
+        m.load_state_dict(state["modules"][k])
+    for k, o in opts.items():
+        o.load_state_dict(state["optimizers"][k])
+    method.load_extra_state(state.get("extra", {}))
+    torch.set_rng_state(state["rng"]["torch"])
+    return int(state["epoch"]) + 1
