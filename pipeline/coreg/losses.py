@@ -29,12 +29,11 @@ def partial_ce(logits: Tensor, candidates: Tensor) -> Tensor:
     """
     cand = candidates.bool()  # (B, C)
     size = cand.sum(dim=1)  # (B,)
-    keep = (size > 0) & (size < cand.shape[1])  # (B,)
-    if not bool(keep.any()):
-        return _zero(logits)
+    keep = ((size > 0) & (size < cand.shape[1])).float()  # (B,)
     p = logits.float().softmax(dim=1)  # (B, C)
-    mass = (p * cand).sum(dim=1)  # (B,)
-    return -torch.log(mass[keep] + PARTIAL_CE_EPS).mean()
+    nll = -torch.log((p * cand).sum(dim=1) + PARTIAL_CE_EPS)  # (B,)
+    # A masked mean instead of boolean indexing: no host sync, and exactly 0 (graph kept) if keep is empty.
+    return (nll * keep).sum() / keep.sum().clamp_min(1.0)
 
 
 def negative_entropy(logits: Tensor) -> Tensor:
@@ -207,8 +206,8 @@ def noisy_contrastive_loss(
     denom = shifted.masked_fill(~include, float("-inf")).exp().sum(dim=1, keepdim=True)  # (B, 1)
     log_prob = shifted - torch.log(denom.clamp_min(1e-30))  # (B, K)
     n_pos = pos.sum(dim=1)  # (B,)
-    has_pos = n_pos > 0  # (B,)
-    if not bool(has_pos.any()):
-        return _zero(q)
+    has_pos = (n_pos > 0).float()  # (B,)
     mean_log_prob_pos = torch.where(pos, log_prob, 0.0).sum(dim=1) / n_pos.clamp_min(1)  # (B,)
-    return -(temperature / base_temperature) * mean_log_prob_pos[has_pos].mean()
+    # Masked mean over anchors with a positive (no host sync; exactly 0 with the graph kept if none).
+    mean_anchor = (mean_log_prob_pos * has_pos).sum() / has_pos.sum().clamp_min(1.0)
+    return -(temperature / base_temperature) * mean_anchor
