@@ -153,6 +153,37 @@ class StudentModel:
     def probs(self, x: Tensor, which: str = "default") -> Tensor:
         return self.logits(x, which).softmax(dim=1)  # (B, C)
 
+    def logits_by_net(self, x: Tensor, *, batch_size: int) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """Each network's logits (N, C) on the CPU for uint8 images (N, 3, S, S), computed in batches, and the
+        seconds each network took (device synchronised, preprocessing included), for throughput figures."""
+        import time
+
+        import torch
+
+        out: dict[str, list[Tensor]] = {n: [] for n in self.nets}
+        seconds = dict.fromkeys(self.nets, 0.0)
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        with torch.inference_mode():
+            for start in range(0, x.shape[0], batch_size):
+                xb = x[start : start + batch_size]
+                for name, net in self.nets.items():
+                    sync()
+                    t0 = time.perf_counter()
+                    logits = net(self.preprocess(xb)).float()  # (B, C)
+                    sync()
+                    seconds[name] += time.perf_counter() - t0
+                    out[name].append(logits.cpu())
+        c = len(self.classes)
+        return {n: torch.cat(v) if v else torch.zeros(0, c) for n, v in out.items()}, seconds
+
+    def combine(self, per_net: dict[str, Tensor], which: str = "default") -> Tensor:
+        """Logits of `which` from per-network logits (the ensemble is their sum, as in `logits`)."""
+        names = self._which(which)
+        out = per_net[names[0]]
+        for n in names[1:]:
+            out = out + per_net[n]
+        return out
+
     def _inference_tensors(self, which: str):
         for n in self._which(which):
             for k, v in self.nets[n].state_dict().items():
