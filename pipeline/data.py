@@ -78,9 +78,11 @@ def _open(rec: dict | None, row: int) -> PIL.Image.Image:
 
 
 def decode_images(
-    ds, *, size: int, num_workers: int = 2, desc: str = "decoding", progress: bool = True
+    ds, *, size: int, num_workers: int = 2, desc: str | None = "decoding", progress: bool = True
 ) -> Tensor:
     """Every image of a `datasets.Dataset` (an `image` column of Image()) as (N, 3, size, size) uint8.
+
+    A tqdm bar shows progress unless `progress` is False or `desc` is None (e.g. on non-main processes).
 
     Each image is decoded once. Rows are read in chunks so only one chunk of raw bytes is in memory beside
     the output; PIL decodes and resizes outside the GIL, so a thread pool gives real parallelism.
@@ -103,7 +105,7 @@ def decode_images(
 
     pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
     try:
-        with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
+        with tqdm(total=n, desc=desc, unit="img", disable=not progress or desc is None) as bar:
             for start in range(0, n, _CHUNK):
                 recs = raw[start : start + _CHUNK]["image"]  # list of {bytes, path}
                 jobs = list(enumerate(recs, start))

@@ -111,3 +111,12 @@ def test_channel_stats_exact():
     y[0] = 255  # half the pixels 1.0, half 0.0: mean 0.5, population std 0.5
     mean, std = channel_stats(y, chunk=1)
     assert mean == pytest.approx([0.5] * 3, abs=1e-12) and std == pytest.approx([0.5] * 3, abs=1e-12)
+
+
+def test_decode_images_progress_bar_only_when_asked(capsys):
+    ds = _dataset([_noise_image(8, 8)])
+    decode_images(ds, size=8, desc=None)
+    decode_images(ds, size=8, desc="quiet", progress=False)
+    assert capsys.readouterr().err == ""
+    decode_images(ds, size=8, desc="decoding train")
+    assert "decoding train" in capsys.readouterr().err
