@@ -101,7 +101,7 @@ def load_annotated(path: str | Path, *, stage: str, check_rows: bool = True) -> 
         if not isinstance(ds.features["image"], datasets.Image):
             raise _fail(root, split, "image", "must be an Image() feature", stage)
         if check_rows and len(ds):
-            small = ds.select_columns(["candidates", "vlm_probs", "vlm_pred", "label", "trusted"]).with_format("numpy")
+            small = ds.select_columns(["candidates", "vlm_probs", "vlm_pred", "label", "trusted"]).with_format("numpy")[:]
             _check_values(root, split, small, len(label.names), stage, np)
     assert classes is not None
     check_classes(classes, source=f"{root} [{stage}]")
@@ -109,8 +109,10 @@ def load_annotated(path: str | Path, *, stage: str, check_rows: bool = True) -> 
 
 
 def _check_values(root, split, ds, n_classes, stage, np) -> None:
-    probs = ds["vlm_probs"]
-    probs = np.asarray(list(probs) if probs.dtype == object else probs)
+    probs = ds["vlm_probs"]  # (N, C), or an object array of rows when lengths differ
+    probs = np.asarray(list(probs), dtype=object) if probs.dtype == object else probs
+    if probs.dtype == object:
+        raise _fail(root, split, "vlm_probs", f"each row needs {n_classes} values (one per class)", stage)
     if probs.ndim != 2 or probs.shape[1] != n_classes:
         raise _fail(root, split, "vlm_probs", f"each row needs {n_classes} values (one per class)", stage)
     sums = probs.sum(1)

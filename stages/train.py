@@ -191,6 +191,10 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
         "seed": cfg.seed, "versions": library_versions(),
     }
     if main:
+        print(
+            f"training {cfg.method} ({cfg.arch}, {size}px) on {images.shape[0]} images, {num_classes} classes; "
+            f"{accelerator.num_processes} process(es) on {device.type}, mixed precision {mp}; epochs {start}..{cfg.epochs - 1}"
+        )
         out.mkdir(parents=True, exist_ok=True)
         _trim_metrics(out / "metrics.jsonl", start)
         if cfg.tensorboard:
