@@ -220,10 +220,14 @@ class CoReg:
 
 
 def _cycle(rows: Tensor, batch: int, ctx: Context, key: tuple):
-    """Endless global batches of `rows`, reshuffled on every pass (the U loader cycles, §3.3)."""
+    """Endless global batches of `rows`, reshuffled on every pass (the U loader cycles, §3.3).
+
+    `batch == 0` (U empty, or fewer U rows than processes) yields empty batches: a non-empty one here would
+    not split evenly over the processes (`Dist.rows` asserts), so those few rows sit out the epoch.
+    """
     if batch == 0:
         while True:
-            yield rows
+            yield rows[:0]
     k = 0
     while True:
         g = ctx.rng(*key, k)
