@@ -232,7 +232,9 @@ class BatchAugment:
         s = 4 * xi[..., 1:-1, 1:-1]
         for dy in (0, 1, 2):
             for dx in (0, 1, 2):
-                s = s + xi[..., dy : dy + xi.shape[-2] - 2, dx : dx + xi.shape[-1] - 2]
+                s += xi[
+                    ..., dy : dy + xi.shape[-2] - 2, dx : dx + xi.shape[-1] - 2
+                ]  # in place: no temporaries
         deg = xi.clone()
         deg[..., 1:-1, 1:-1] = torch.div(2 * s + 13, 26, rounding_mode="floor")  # round(s / 13)
         return _blend(x.float(), deg.float(), m)
