@@ -162,11 +162,22 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
         if device.type == "cuda":
             m.to(memory_format=torch.channels_last)
 
+    # No DDP wrapper: a Co-Reg step runs the trained network several times (mixup batch, contrastive queries,
+    # no-grad views) and the warm-up leaves the projector unused, which DDP's reducer rejects. Instead the
+    # optimiser is prepared (mixed-precision scaling) and `backward` averages the gradients of the networks
+    # handed to `prepare` with one flattened all-reduce: the same update DDP would make.
+    trainables: list = []
+
     def prepare(model, opt):
-        model, opt = accelerator.prepare(model, opt)
-        return (torch.compile(model) if cfg.compile else model), opt
+        trainables.append(model)
+        return (torch.compile(model) if cfg.compile else model), accelerator.prepare(opt)
 
     method.prepare(prepare)
+
+    def backward(loss):
+        accelerator.backward(loss)
+        if accelerator.num_processes > 1:
+            _average_grads(trainables, accelerator)
     resolved = {**dataclasses.asdict(cfg), "image_size": size, "mixed_precision": mp}
     start = 0
     if cfg.resume and (out / ckpt.CHECKPOINT).exists():
@@ -182,7 +193,7 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
     ctx = Context(
         images=images, candidates=cols["candidates"], trusted=cols["trusted"], trusted_label=cols["trusted_label"],
         vlm_probs=cols["vlm_probs"], vlm_pred=cols["vlm_pred"], augment=augment, dist=_dist(accelerator),
-        seed=cfg.seed, device=device, backward=accelerator.backward, autocast=accelerator.autocast, progress=progress,
+        seed=cfg.seed, device=device, backward=backward, autocast=accelerator.autocast, progress=progress,
         diag_label=cols["label"] if (cols["label"] >= 0).any() else None,
     )
     model_config = {
@@ -225,6 +236,20 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
     if cfg.tensorboard:
         accelerator.end_training()
     return out
+
+
+def _average_grads(modules, accelerator) -> None:
+    """Average the gradients that exist (the same parameters on every process: the code path is the same)."""
+    import torch
+
+    grads = [p.grad for m in modules for p in m.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), "sum") / accelerator.num_processes
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def _save_model(out, method, model_config, save_model) -> None:

@@ -22,12 +22,14 @@ ARGS = ["--arch", "small_cnn", "--batch-size", "8", "--warmup-epochs", "1", "--e
 
 def launch(nproc: int, ann, out, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(nproc),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(29500 + nproc + os.getpid() % 1000),
+    # torchrun sets RANK/WORLD_SIZE; Accelerator(cpu=True) then runs multi-CPU on gloo, as under
+    # `accelerate launch` on several machines.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(29500 + nproc + os.getpid() % 1000),
            "-m", "pipeline.cli", "train", str(ann), str(out), *ARGS]  # fmt: skip
     r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"{nproc} process(es)" in r.stdout  # really distributed
 
 
 def metrics(out):

@@ -190,6 +190,14 @@ def warmup_step(ctx: Context, net: nn.Module, *, idx: Tensor, n: int, candidates
     x = aug.apply_strong(ctx.images[idx], params)
     with ctx.autocast():
         logits = net(x).float()  # (b, C)
-    terms = warmup_loss(logits, candidates[idx])
+    cand = candidates[idx]  # (b, C)
+    terms = warmup_loss(logits, cand)
+    # partial_ce averages over the rows it keeps (not all-class, not empty); with several processes the kept
+    # counts differ, so rescale this process's mean to (its sum) / (global kept count / world): after gradient
+    # averaging that is the global mean, exactly as one process would compute it.
+    kept = (cand.any(1) & ~cand.all(1)).sum().float()
+    scale = kept * ctx.dist.world / ctx.dist.all_reduce_sum(kept.clone()).clamp_min(1)
+    terms["partial_ce"] = terms["partial_ce"] * scale
+    terms["loss"] = terms["partial_ce"] + terms["neg_entropy"]
     ctx.backward(terms["loss"])
     return {**{k: v.detach() for k, v in terms.items()}, "probs": F.softmax(logits.detach(), 1)}
