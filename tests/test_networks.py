@@ -4,7 +4,7 @@ import torch
 from pipeline.errors import CoregError
 from pipeline.networks import build_student, count_parameters
 
-ARCH_FEAT = [("preact_resnet18", 512), ("small_cnn", 256), ("timm:test_resnet", 96)]
+ARCH_FEAT = [("preact_resnet18", 512), ("small_cnn", 128), ("timm:test_resnet", 96)]
 
 
 @pytest.mark.parametrize("arch,feat_dim", ARCH_FEAT)
@@ -40,7 +40,7 @@ def test_preact_resnet18_takes_other_sizes():
 def test_small_cnn_is_small_and_batch_independent():
     torch.manual_seed(0)
     net = build_student("small_cnn", num_classes=10, image_size=32)
-    assert 300_000 < count_parameters(net.backbone) < 1_000_000
+    assert 100_000 < count_parameters(net.backbone) < 300_000
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
     x = torch.randn(4, 3, 32, 32)
     net.train()
