@@ -66,6 +66,14 @@ def describe(model, fmt: str, path: Path) -> dict:
     }
 
 
+def _ignore_tracer_warnings() -> None:
+    import torch
+
+    # GroupNorm's batch-size sanity check reads a shape as a Python bool while tracing; it only guards against
+    # a batch of one value per group, so freezing it does not change results (the export check below proves it).
+    warnings.simplefilter("ignore", torch.jit.TracerWarning)
+
+
 def _export_onnx(wrapper, example, path: Path, meta: dict) -> None:
     import onnx
     import torch
@@ -74,6 +82,7 @@ def _export_onnx(wrapper, example, path: Path, meta: dict) -> None:
         # The torch.export-based exporter needs onnxscript, which is not a dependency; the TorchScript-based
         # one handles these plain conv nets exactly and only warns that it is no longer the default.
         warnings.simplefilter("ignore", DeprecationWarning)
+        _ignore_tracer_warnings()
         torch.onnx.export(
             wrapper, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=17, dynamo=False,
@@ -97,6 +106,7 @@ def _export_torchscript(wrapper, example, path: Path, meta: dict) -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but still the portable format
+        _ignore_tracer_warnings()
         traced = torch.jit.trace(wrapper, (example,))
         torch.jit.save(traced, str(path), _extra_files={"coreg.json": json.dumps(meta)})
 
