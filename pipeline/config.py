@@ -86,6 +86,10 @@ class TrainConfig:
     contrast: str = _f("noisy", "noisy (unconfident selection) | supcon ('w/ SupCont')")
     predict_with: str = _f("ensemble", "ensemble (sum of both networks' logits) | net1 | net2")
     save_every: int = _f(1, "checkpoint every N epochs")
+    # --- baselines (pipeline/baselines/; each module's docstring cites its paper) ---
+    kd_t: float = _f(1.0, "kd: distillation temperature (1 = the annotator's own distribution)")
+    cr_dpll_lambda: float = _f(1.0, "cr_dpll: consistency weight")
+    cr_dpll_rampup: int = _f(0, "cr_dpll: epochs of the linear consistency ramp; 0 = half the run")
 
 
 @dataclass(frozen=True)

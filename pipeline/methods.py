@@ -14,6 +14,11 @@ from pipeline.errors import CoregError
 
 METHODS: dict[str, str] = {
     "coreg": "pipeline.coreg.method",
+    "ce": "pipeline.baselines.ce",
+    "kd": "pipeline.baselines.kd",
+    "proden": "pipeline.baselines.proden",
+    "cc": "pipeline.baselines.cc",
+    "cr_dpll": "pipeline.baselines.cr_dpll",
 }
 
 
