@@ -90,6 +90,16 @@ class TrainConfig:
     kd_t: float = _f(1.0, "kd: distillation temperature (1 = the annotator's own distribution)")
     cr_dpll_lambda: float = _f(1.0, "cr_dpll: consistency weight")
     cr_dpll_rampup: int = _f(0, "cr_dpll: epochs of the linear consistency ramp; 0 = half the run")
+    pico_prot_start: int = _f(1, "pico/alim: epoch from which prototypes disambiguate labels")
+    pico_loss_weight: float = _f(0.5, "pico/alim: contrastive loss weight")
+    pico_proto_m: float = _f(0.99, "pico/alim: prototype momentum")
+    pico_conf_ema_start: float = _f(0.95, "pico/alim: label-estimate momentum at the first epoch")
+    pico_conf_ema_end: float = _f(0.8, "pico/alim: label-estimate momentum at the last epoch")
+    alim_variant: str = _f("onehot", "alim: onehot | scale")
+    alim_noise_rate: float = _f(-1.0, "alim: noise rate for the adaptive lambda; < 0 = estimate it per epoch (GMM)")
+    alim_mixup_weight: float = _f(1.0, "alim: weight of the mixup term (0 = off)")
+    dividemix_lambda_u: float = _f(25.0, "dividemix: weight of the unlabeled MSE term")
+    dividemix_conf_penalty: bool = _f(True, "dividemix: negative-entropy penalty in warm-up (asymmetric noise)")
 
 
 @dataclass(frozen=True)

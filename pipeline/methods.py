@@ -19,6 +19,9 @@ METHODS: dict[str, str] = {
     "proden": "pipeline.baselines.proden",
     "cc": "pipeline.baselines.cc",
     "cr_dpll": "pipeline.baselines.cr_dpll",
+    "pico": "pipeline.baselines.pico",
+    "alim": "pipeline.baselines.alim",
+    "dividemix": "pipeline.baselines.dividemix",
 }
 
 
