@@ -1,0 +1,405 @@
+"""Co-Reg orchestration (pipeline/coreg/method.py, step.py) on a hand-built Context: 36 class-coloured 16x16
+images, 3 classes, candidate sets with known noise, one process, small_cnn, tiny settings."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.augment import BatchAugment
+from pipeline.config import TrainConfig
+from pipeline.coreg import method as method_mod
+from pipeline.coreg.method import build
+from pipeline.coreg.step import StepNets, StepParams, coreg_step
+from pipeline.networks import build_student
+from pipeline.training import Context, Dist
+
+N, C = 36, 3
+COLOURS = np.array([[220, 40, 40], [40, 200, 40], [40, 60, 220]], dtype=np.float64)
+
+
+def make_ctx(*, seed=0, data_seed=0, eta=0.3, q=0.3, clean=False, empty=(), all_class=(), trusted=()):
+    """Row i has class i % 3. Noisy sets: extra classes with prob q; with prob eta the true label is
+    replaced by a wrong one. `clean`: every set is {true label}."""
+    g = np.random.default_rng(data_seed)
+    labels = np.arange(N) % C
+    brightness = g.uniform(0.6, 1.0, (N, 1, 1, 1))
+    imgs = COLOURS[labels][:, :, None, None] * brightness + g.normal(0, 25, (N, 3, 16, 16))
+    cand = np.zeros((N, C), dtype=bool)
+    for i, y in enumerate(labels):
+        if clean:
+            cand[i, y] = True
+            continue
+        for j in range(C):
+            cand[i, j] |= j != y and g.random() < q
+        if g.random() < eta:
+            cand[i, (y + 1 + g.integers(C - 1)) % C] = True  # the true label misses the set
+        else:
+            cand[i, y] = True
+    cand[list(empty)] = False
+    cand[list(all_class)] = True
+    probs = cand + 0.01
+    t = np.zeros(N, dtype=bool)
+    t[list(trusted)] = True
+    return Context(
+        images=torch.as_tensor(np.clip(imgs, 0, 255).astype(np.uint8)),
+        candidates=torch.as_tensor(cand),
+        trusted=torch.as_tensor(t),
+        trusted_label=torch.as_tensor(np.where(t, labels, -1)),
+        vlm_probs=torch.as_tensor(probs / probs.sum(1, keepdims=True), dtype=torch.float32),
+        vlm_pred=torch.as_tensor(probs.argmax(1)),
+        augment=BatchAugment(image_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+        dist=Dist(),
+        seed=seed,
+        device=torch.device("cpu"),
+        diag_label=torch.as_tensor(labels),
+    )
+
+
+def make_cfg(**kw) -> TrainConfig:
+    base = dict(annotated="-", out="-", arch="small_cnn", epochs=4, batch_size=8, warmup_epochs=1, queue_size=32,
+                start_cont=0, proj_dim=16)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def make_method(cfg):
+    torch.manual_seed(0)
+    m = build(
+        cfg,
+        num_classes=C,
+        make_net=lambda: build_student("small_cnn", num_classes=C, image_size=16, proj_dim=16),
+        num_rows=N,
+    )
+    m.prepare(lambda model, opt: (model, opt))
+    return m
+
+
+def snapshot(m) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.prediction_weights().items()}
+
+
+def changed(a, b, prefix):
+    return any(not torch.equal(a[k], b[k]) for k in a if k.startswith(prefix))
+
+
+def all_finite(metrics):
+    return all(math.isfinite(v) for v in metrics.values())
+
+
+def run(cfg, ctx, epochs):
+    m = make_method(cfg)
+    out = [m.train_epoch(e, ctx) for e in epochs]
+    return m, out
+
+
+@pytest.fixture(scope="module")
+def main_run():
+    """Warm-up (epoch 0), a Co-Reg epoch without the representation terms (1), one with them (2)."""
+    cfg, ctx = make_cfg(), make_ctx()
+    m = make_method(cfg)
+    snaps, metrics = [snapshot(m)], []
+    for e in range(3):
+        metrics.append(m.train_epoch(e, ctx))
+        snaps.append(snapshot(m))
+    return {"m": m, "ctx": ctx, "cfg": cfg, "snaps": snaps, "metrics": metrics}
+
+
+# ------------------------------------------------------------------------------------------- epochs
+
+
+def test_warmup_epoch_trains_both_nets(main_run):
+    w = main_run["metrics"][0]
+    assert w["phase"] == 0.0 and all_finite(w)
+    for n in ("net1", "net2"):
+        assert {f"{n}/loss", f"{n}/partial_ce", f"{n}/neg_entropy"} <= w.keys()
+        assert w[f"{n}/loss"] == pytest.approx(w[f"{n}/partial_ce"] + w[f"{n}/neg_entropy"], rel=1e-5)
+        assert w[f"{n}/neg_entropy"] < 0  # Σ p log p of a non-degenerate softmax
+        assert changed(main_run["snaps"][0], main_run["snaps"][1], n + ".")
+
+
+def test_coreg_epochs_train_and_update_state(main_run):
+    m = main_run["m"]
+    for e in (1, 2):
+        r = main_run["metrics"][e]
+        assert r["phase"] == 1.0 and all_finite(r)
+        for n in ("net1", "net2"):
+            for k in ("loss", "l_x", "l_u", "proto", "cont", "n_p", "n_u", "mean_w", "diag_pseudo_acc_p"):
+                assert f"{n}/{k}" in r, (e, n, k)
+            assert r[f"{n}/n_p"] >= 1 and r[f"{n}/n_p"] + r[f"{n}/n_u"] == N
+            assert 0.0 <= r[f"{n}/mean_w"] <= 1.0
+            assert changed(main_run["snaps"][e], main_run["snaps"][e + 1], n + ".")
+    assert main_run["metrics"][1]["net1/n_u"] > 0 and main_run["metrics"][1]["net1/l_u"] > 0  # U really used
+    assert int(m.history["net1"].count) == int(m.history["net2"].count) == 2  # one division per Co-Reg epoch
+    assert int(m.queues["net1"].filled) == int(m.queues["net2"].filled) == 32  # enqueued every step
+    assert torch.isfinite(m.protos.prototypes).all()
+    norms = m.protos.prototypes.norm(dim=1)
+    assert torch.allclose(norms, torch.ones(C), atol=1e-5)  # every class was seen; rows are unit vectors
+    assert m.raw["net1"].training and m.raw["net2"].training  # eval-mode phases restore train mode
+
+
+def test_same_seed_same_weights(main_run):
+    m, metrics = run(main_run["cfg"], make_ctx(), range(3))
+    again = snapshot(m)
+    assert again.keys() == main_run["snaps"][-1].keys()
+    for k, v in main_run["snaps"][-1].items():
+        assert torch.equal(again[k], v), k
+    assert metrics == main_run["metrics"]
+
+
+def test_other_seed_other_weights(main_run):
+    m, _ = run(main_run["cfg"], make_ctx(seed=1), range(2))  # same init (torch seed), other counter-RNG seed
+    assert changed(snapshot(m), main_run["snaps"][2], "net1.")
+
+
+# ------------------------------------------------------------------------------------------- orchestration
+
+
+def test_co_division_order_and_key_resync():
+    """Both nets divided before either trains; net1 trains on net2's split and vice versa; keys re-synced."""
+    m, ctx = make_method(make_cfg()), make_ctx()
+    log = []
+
+    def divide(epoch, i, n, ctx, cand):
+        log.append(("divide", n))
+        return {"tag": n}
+
+    def train(epoch, i, n, partner, div, own, ctx):
+        log.append(("train", n, partner, div["tag"], own["tag"]))
+        return {}
+
+    m._divide, m._train = divide, train
+    with torch.no_grad():
+        for p in m.keys["net1"].parameters():
+            p.add_(1.0)
+    m.train_epoch(0, ctx)  # warm-up: no division, keys untouched
+    assert log == []
+    assert not torch.equal(m.keys["net1"].fc.weight, m.raw["net1"].fc.weight)
+    m.train_epoch(1, ctx)
+    assert log == [("divide", "net1"), ("divide", "net2"), ("train", "net1", "net2", "net2", "net1"),
+                   ("train", "net2", "net1", "net1", "net2")]  # fmt: skip
+    for n in ("net1", "net2"):
+        for (name, k), q in zip(m.keys[n].named_parameters(), m.raw[n].parameters(), strict=True):
+            assert torch.equal(k, q), (n, name)
+
+
+def test_modes_division_in_eval_partner_in_eval_trained_in_train():
+    m, ctx = make_method(make_cfg(warmup_epochs=0)), make_ctx()
+    seen = {"net1": [], "net2": []}
+    for n in seen:
+        m.raw[n].register_forward_pre_hook(lambda mod, args, n=n: seen[n].append(mod.training))
+    cand = m._candidates(ctx)
+    m._divide(0, 0, "net1", ctx, cand)
+    assert seen["net1"] and not any(seen["net1"]) and seen["net2"] == []
+    seen["net1"].clear()
+    div = m._divide(0, 1, "net2", ctx, cand)
+    seen["net2"].clear()
+    m._train(0, 0, "net1", "net2", div, div, ctx)
+    assert seen["net1"] and all(seen["net1"])  # own K views, mixup, queries
+    assert seen["net2"] and not any(seen["net2"])  # partner's U views only, eval mode
+    assert m.raw["net2"].training
+
+
+def test_division_history_gmm_and_split():
+    cfg = make_cfg(warmup_epochs=0, gmm_history=2)
+    m, ctx = make_method(cfg), make_ctx()
+    cand = m._candidates(ctx)
+    d0 = m._divide(0, 0, "net1", ctx, cand)
+    assert d0["p"].dtype == torch.bool and d0["p"].shape == (N,)
+    assert torch.equal(d0["p"], d0["w"] > cfg.p_threshold) or int(d0["p"].sum()) == 1
+    assert torch.allclose(d0["scores"].sum(1), torch.ones(N), atol=1e-5)
+    assert ((d0["scores"] > 0) <= cand).all()  # partner scores live on the candidate set (no empty rows here)
+    for e in (1, 2, 3):
+        m._divide(e, 0, "net1", ctx, cand)
+    assert int(m.history["net1"].count) == 4 and int(m.history["net2"].count) == 0
+    assert m.history["net1"].losses.min() >= 0 and m.history["net1"].losses.max() <= 1  # min-max normalised
+
+
+def test_step_params_ramp_and_delayed_start():
+    m = make_method(make_cfg(warmup_epochs=2, start_cont=3, rampup_epochs=16, lambda_u=2.0))
+    assert m._step_params(2, 2.0).lambda_u == 0.0
+    assert m._step_params(10, 10.0).lambda_u == pytest.approx(1.0)  # 2 * 8/16
+    assert m._step_params(10, 10.5).lambda_u == pytest.approx(2 * 8.5 / 16)  # fractional epochs
+    assert m._step_params(40, 40.0).lambda_u == 2.0
+    assert not m._step_params(5, 5.0).representation  # epoch > warm_up + start_cont, strictly
+    assert m._step_params(6, 6.0).representation
+
+
+# ------------------------------------------------------------------------------------------- one step
+
+
+def _step(m, ctx, *, representation, co=True, partner_epoch=0, keys=("t", 0)):
+    """One coreg_step of net1 on P = rows 0..7, U = rows 8..15, with fresh divisions of both nets
+    (`partner_epoch` picks the weak view of net2's division)."""
+    cand = m._candidates(ctx)
+    d1, d2 = m._divide(0, 0, "net1", ctx, cand), m._divide(partner_epoch, 1, "net2", ctx, cand)
+    p, u = torch.arange(8), torch.arange(8, 16)
+    nets = StepNets(
+        m.wrapped["net1"], m.raw["net1"], m.keys["net1"], m.queues["net1"], m.raw["net2"], m.protos
+    )
+    hp = StepParams(k_views=2, sharpen_t=0.5, mixup_alpha=4.0, lambda_u=0.5, proto_m=0.999, proto_t=0.3, cont_t=0.07,
+                    moco_m=0.999, lambda_proto=0.1, lambda_cont=0.1, representation=representation,
+                    co_pseudo_labels=co, prototypes=True, contrast="noisy")  # fmt: skip
+    m.opts["net1"].zero_grad(set_to_none=True)
+    return coreg_step(ctx, nets, hp, p_idx=p, u_idx=u, n_p=8, n_u=8, p_w=d2["w"][p], p_scores=d2["scores"][p],
+                      p_self_scores=d1["scores"][p], p_self_w=d1["w"][p], keys=keys)  # fmt: skip
+
+
+def test_step_loss_composition():
+    m, ctx = make_method(make_cfg()), make_ctx()
+    off = _step(m, ctx, representation=False)
+    assert float(off["loss"]) == pytest.approx(float(off["l_x"] + 0.5 * off["l_u"]), rel=1e-6)
+    assert off["proto"] > 0 and off["cont"] > 0  # computed (and logged) but not trained on yet
+    on = _step(m, ctx, representation=True, keys=("t", 1))
+    expect = on["l_x"] + 0.5 * on["l_u"] + 0.1 * on["proto"] + 0.1 * on["cont"]
+    assert float(on["loss"]) == pytest.approx(float(expect), rel=1e-6)
+    assert m.raw["net1"].proj[0].weight.grad.abs().sum() > 0  # the projector trains once the terms are on
+    for t in (on["targets_p"], on["targets_u"]):
+        assert t.shape == (8, C) and torch.allclose(t.sum(1), torch.ones(8))
+
+
+def test_without_co_pseudo_labels_partner_scores_are_ignored():
+    """Same step twice, the second time with another division of the partner (other weak view, second
+    history entry): the P targets follow the partner's scores with Co-PL and ignore them without."""
+    ctx = make_ctx()
+    targets = {}
+    for co in (True, False):
+        m = make_method(make_cfg())
+        a = _step(m, ctx, representation=False, co=co)
+        b = _step(m, ctx, representation=False, co=co, partner_epoch=5)
+        targets[co] = (a["targets_p"], b["targets_p"])
+    assert not torch.allclose(*targets[True])
+    assert torch.equal(*targets[False])
+
+
+# ------------------------------------------------------------------------------------------- trusted rows
+
+
+TRUSTED = (0, 1, 2, 3, 4, 5)
+
+
+def test_trusted_rows_forced_clean_with_one_hot_targets(monkeypatch):
+    ctx = make_ctx(trusted=TRUSTED)
+    labels = ctx.diag_label
+    t = torch.tensor(TRUSTED)
+    ctx.candidates[t] = ~torch.nn.functional.one_hot(labels[t], C).bool()  # the VLM's set misses the label
+    m = make_method(make_cfg())
+    cand = m._candidates(ctx)
+    assert torch.equal(cand[t], torch.nn.functional.one_hot(labels[t], C).bool())
+    for i, n in enumerate(("net1", "net2")):
+        d = m._divide(0, i, n, ctx, cand)
+        assert d["p"][t].all() and (d["w"][t] == 1).all()
+        assert torch.equal(d["scores"][t], torch.nn.functional.one_hot(labels[t], C).float())
+
+    seen = []
+    real = method_mod.coreg_step
+
+    def spy(ctx, nets, hp, **kw):
+        out = real(ctx, nets, hp, **kw)
+        seen.append((kw["p_idx"], out["targets_p"]))
+        return out
+
+    monkeypatch.setattr(method_mod, "coreg_step", spy)
+    m.train_epoch(0, ctx)
+    m.train_epoch(1, ctx)
+    rows = torch.cat([p for p, _ in seen])
+    targets = torch.cat([tp for _, tp in seen])
+    trusted_hits = ctx.trusted[rows]
+    # P is cut into full batches of 8 (the short tail waits for the next epoch), so most, not all, appear.
+    assert int(trusted_hits.sum()) >= len(TRUSTED)
+    one_hot = torch.nn.functional.one_hot(labels[rows[trusted_hits]], C).float()
+    assert torch.equal(targets[trusted_hits], one_hot)
+
+
+# ------------------------------------------------------------------------------------------- switches & edges
+
+
+def test_without_unlabeled_no_u_loss():
+    _, (_, r) = run(make_cfg(use_unlabeled=False), make_ctx(), range(2))
+    assert all_finite(r)
+    for n in ("net1", "net2"):
+        assert r[f"{n}/n_u"] > 0  # U exists but is discarded
+        assert r[f"{n}/l_u"] == 0.0
+        assert f"{n}/diag_pseudo_acc_u" not in r  # no U row was pseudo-labelled
+
+
+@pytest.mark.parametrize(
+    "switch", [{"co_pseudo_labels": False}, {"prototypes": False}, {"contrast": "supcon"}]
+)
+def test_ablations_run(switch):
+    m, (r0, r1) = run(make_cfg(warmup_epochs=0, **switch), make_ctx(), range(2))  # epoch 1 has all terms on
+    assert all_finite(r0) and all_finite(r1)
+    assert r1["net1/l_x"] > 0 and r1["net2/cont"] != 0
+    if switch.get("prototypes") is False:
+        assert "net1/proto" not in r1 and not m.protos.prototypes.any()
+    else:
+        assert "net1/proto" in r1 and m.protos.prototypes.any()
+
+
+def test_unknown_contrast_is_refused():
+    from pipeline.errors import CoregError
+
+    with pytest.raises(CoregError, match="contrast"):
+        make_method(make_cfg(contrast="moco"))
+
+
+def test_empty_and_all_class_candidate_rows():
+    ctx = make_ctx(empty=(0, 1, 2, 3), all_class=(4, 5, 6, 7))
+    m, rs = run(make_cfg(), ctx, range(3))
+    assert all(all_finite(r) for r in rs)
+    assert all(torch.isfinite(v).all() for v in snapshot(m).values())
+    assert torch.isfinite(m.history["net1"].losses).all()
+
+
+def test_all_clean_dataset_trains():
+    ctx = make_ctx(clean=True)
+    m = make_method(make_cfg())
+    before = snapshot(m)
+    rs = [m.train_epoch(e, ctx) for e in range(2)]
+    assert all(all_finite(r) for r in rs)
+    assert rs[1]["net1/diag_p_valid"] == 1.0 and rs[1]["net1/n_p"] >= 1
+    assert changed(before, snapshot(m), "net1.") and changed(before, snapshot(m), "net2.")
+
+
+def test_p_smaller_than_batch_and_empty_u():
+    # τ = 1: no row passes, so P falls back to the single best row (|P| = 1 < batch 8), U = the rest.
+    _, (r,) = run(make_cfg(warmup_epochs=0, p_threshold=1.0), make_ctx(), [0])
+    assert r["net1/n_p"] == 1 and r["net2/n_p"] == 1 and all_finite(r)
+    # τ < 0: every row is in P, U is empty.
+    _, (r,) = run(make_cfg(warmup_epochs=0, p_threshold=-1.0), make_ctx(), [0])
+    assert r["net1/n_u"] == 0 and r["net1/l_u"] == 0.0 and all_finite(r)
+
+
+def test_cycle_yields_empty_batches_when_u_too_small_for_the_world():
+    ctx = replace(make_ctx(), dist=Dist(rank=0, world=2))
+    it = method_mod._cycle(torch.tensor([7]), 0, ctx, ("u",))
+    assert next(it).numel() == 0 and next(it).numel() == 0
+    it = method_mod._cycle(torch.arange(10), 4, ctx, ("u",))
+    first = [next(it) for _ in range(2)]  # one pass = 2 full batches of 4 (the short tail is dropped)
+    assert all(b.numel() == 4 for b in first) and len(set(torch.cat(first).tolist())) == 8
+
+
+# ------------------------------------------------------------------------------------------- prediction
+
+
+def test_predict_logits(main_run):
+    m, ctx = main_run["m"], main_run["ctx"]
+    x = ctx.augment.normalize(ctx.images[:5])
+    l1, l2 = m.predict_logits(x, which="net1"), m.predict_logits(x, which="net2")
+    ens = m.predict_logits(x, which="ensemble")
+    assert l1.shape == l2.shape == (5, C) and not torch.allclose(l1, l2)
+    assert torch.allclose(ens, l1 + l2)
+    assert torch.equal(m.predict_logits(x), ens)  # default = cfg.predict_with = ensemble
+    m.cfg = replace(m.cfg, predict_with="net2")
+    try:
+        assert torch.equal(m.predict_logits(x), l2)
+    finally:
+        m.cfg = replace(m.cfg, predict_with="ensemble")
+    assert m.raw["net1"].training and m.raw["net2"].training
+    with torch.no_grad():
+        m.raw["net1"].eval()
+        assert torch.allclose(l1, m.raw["net1"](x))  # eval-mode logits
+        m.raw["net1"].train()
