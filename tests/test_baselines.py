@@ -184,3 +184,36 @@ def test_dividemix_prior_penalty():
     assert prior_penalty(torch.tensor([[0.6, 0.4], [0.4, 0.6]])).item() == pytest.approx(0.0, abs=1e-7)
     expect = 0.5 * math.log(0.5 / 0.8) + 0.5 * math.log(0.5 / 0.2)
     assert prior_penalty(torch.tensor([[0.8, 0.2]])).item() == pytest.approx(expect, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------ two processes equal one
+@pytest.mark.parametrize("name", ["alim", "dividemix"])  # the two whose rows couple most (queue, mixup, GMM)
+def test_two_processes_equal_one(name, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tests.annotated import make_annotated
+
+    ann = make_annotated(tmp_path / "ann", n_train=32, n_test=0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    outs = []
+    for nproc in (1, 2):
+        out = tmp_path / f"p{nproc}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(29700 + nproc + os.getpid() % 1000), "-m", "pipeline.cli", "train", str(ann),
+               str(out), "--method", name, "--arch", "small_cnn", "--batch-size", "8", "--warmup-epochs", "1",
+               "--epochs", "2", "--queue-size", "32", "--num-workers", "0", "--cpu"]  # fmt: skip
+        r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0 and f"{nproc} process(es)" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+        outs.append(out)
+    m1, m2 = ([json.loads(x) for x in (o / "metrics.jsonl").read_text().splitlines()] for o in outs)
+    for a, b in zip(m1, m2, strict=True):
+        for k in a:
+            if "second" not in k:
+                assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-3), (a["epoch"], k)
+    w1, w2 = (load_file(str(o / "model.safetensors")) for o in outs)
+    assert all(torch.allclose(w1[k], w2[k], atol=2e-3, rtol=1e-3) for k in w1)
