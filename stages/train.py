@@ -129,8 +129,11 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
 
     out = Path(cfg.out)
     mp = cfg.mixed_precision
+    gpu = torch.cuda.is_available() and not cfg.cpu
     if mp == "auto":
-        mp = "bf16" if (torch.cuda.is_available() and not cfg.cpu) else "no"
+        mp = "bf16" if gpu else "no"
+    if mp == "fp16" and not gpu:
+        raise CoregError("--mixed-precision fp16 needs a GPU; use bf16 or no on CPU")
     accelerator = Accelerator(
         cpu=cfg.cpu, mixed_precision=mp, log_with="tensorboard" if cfg.tensorboard else None, project_dir=str(out)
     )
@@ -211,24 +214,31 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
         if cfg.tensorboard:
             accelerator.init_trackers("coreg")
     rows_per_epoch = images.shape[0]
-    for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
-        metrics = method.train_epoch(epoch, ctx)
-        seconds = time.perf_counter() - t0
-        metrics = {"epoch": epoch, **metrics, "epoch_seconds": seconds, "images_per_second": rows_per_epoch / max(seconds, 1e-9)}
-        if test is not None:
-            metrics.update(_test_accuracy(method, augment, *test, ctx))
-        if main:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            print(_summary(metrics, cfg.epochs), flush=True)
-            if cfg.tensorboard:
-                accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=epoch)
-        if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
-            accelerator.wait_for_everyone()
+    stop = _GracefulStop(main)
+    with stop:
+        for epoch in range(start, cfg.epochs):
+            t0 = time.perf_counter()
+            metrics = method.train_epoch(epoch, ctx)
+            seconds = time.perf_counter() - t0
+            metrics = {"epoch": epoch, **metrics, "epoch_seconds": seconds, "images_per_second": rows_per_epoch / max(seconds, 1e-9)}
+            if test is not None:
+                metrics.update(_test_accuracy(method, augment, *test, ctx))
             if main:
-                _save_model(out, method, model_config, save_model)
-                ckpt.save_checkpoint(out, epoch=epoch, method=method, config=resolved)
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                print(_summary(metrics, cfg.epochs), flush=True)
+                if cfg.tensorboard:
+                    accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=epoch)
+            stopping = stop.requested(ctx.dist, device)  # every process stops after the same epoch
+            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs or stopping:
+                accelerator.wait_for_everyone()
+                if main:
+                    _save_model(out, method, model_config, save_model)
+                    ckpt.save_checkpoint(out, epoch=epoch, method=method, config=resolved)
+            if stopping:
+                if main:
+                    print(f"stopped after epoch {epoch + 1} and saved it; continue with the same command plus --resume")
+                raise KeyboardInterrupt
     accelerator.wait_for_everyone()
     if main:
         _save_model(out, method, model_config, save_model)
@@ -236,6 +246,41 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
     if cfg.tensorboard:
         accelerator.end_training()
     return out
+
+
+class _GracefulStop:
+    """First Ctrl-C: finish the current epoch, save it, stop (so --resume continues exactly). Second: stop now
+    (the last saved epoch is kept)."""
+
+    def __init__(self, main: bool):
+        self.main, self.flag, self.previous = main, False, None
+
+    def _handler(self, signum, frame):
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+        if self.main:
+            print("\nCtrl-C: finishing this epoch and saving it; press Ctrl-C again to stop at once", flush=True)
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+    def requested(self, dist, device) -> bool:
+        import torch
+
+        return bool(dist.all_reduce_sum(torch.tensor([float(self.flag)], device=device)).item() > 0)
 
 
 def _average_grads(modules, accelerator) -> None:

@@ -140,3 +140,29 @@ def test_bad_dataset_and_output(ann, tmp_path):
     assert r.exit_code == 2 and "--lr" in r.output
     r = train(ann, tmp_path / "m2", "--epochs", "2")
     assert r.exit_code == 2 and "--resume" in r.output
+
+
+def test_ctrl_c_saves_the_epoch_and_resume_finishes(ann, tmp_path):
+    """A real SIGINT during training: the epoch finishes, is saved, the run stops; --resume completes it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "m"
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", str(ann), str(out), *TINY, "--epochs", "200"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    for line in p.stdout:
+        if line.startswith("epoch 2/"):
+            p.send_signal(signal.SIGINT)
+            break
+    rest = p.communicate(timeout=300)[0]
+    assert p.returncode == 130, rest
+    assert "stopped after epoch" in rest
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    logged = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(logged) == state["epoch"] + 1 < 200
+    r = train(ann, out, "--epochs", str(state["epoch"] + 3), "--resume")
+    assert r.exit_code == 0, r.output
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == state["epoch"] + 3
