@@ -123,31 +123,38 @@ class Method(Protocol):
 
 
 def iterate_batches(
-    index: Tensor, *, batch_size: int, generator: torch.Generator, dist: Dist, drop_last: bool = True
+    index: Tensor, *, batch_size: int, generator: torch.Generator, dist: Dist, drop_last: bool = False
 ) -> Iterator[tuple[Tensor, Tensor, slice]]:
     """Shuffle the global row ids `index` and yield (global_batch, local_batch, rows) per step.
 
     Every process draws the same permutation and takes its `rows` of each global batch. The global batch is
-    rounded down to a multiple of the world size; with drop_last the final short batch is skipped (as the
-    paper's loaders do), unless it would leave no batch at all.
+    rounded down to a multiple of the world size. The final short batch is kept (the paper's loaders keep
+    it), trimmed to a multiple of the world size so every process gets the same count; `drop_last` skips it.
     """
     n = index.numel()
-    b = max(dist.world, (min(batch_size, n) // dist.world) * dist.world)
+    b = _global_batch(n, batch_size, dist.world)
     order = index[torch.randperm(n, generator=generator, device=generator.device).to(index.device)]
-    stop = (n // b) * b if (drop_last and n >= b) else n
-    for start in range(0, stop, b):
+    for start in range(0, n, b):
         batch = order[start : start + b]
-        if batch.numel() % dist.world:  # a short last batch: trim so every process gets the same count
-            batch = batch[: (batch.numel() // dist.world) * dist.world]
-            if batch.numel() == 0:
-                break
+        if batch.numel() < b and drop_last and start > 0:
+            break
+        batch = batch[: (batch.numel() // dist.world) * dist.world]
+        if batch.numel() == 0:
+            break
         rows = dist.rows(batch.numel())
         yield batch, batch[rows], rows
 
 
-def steps_per_epoch(n: int, *, batch_size: int, world: int, drop_last: bool = True) -> int:
-    b = max(world, (min(batch_size, n) // world) * world)
-    return n // b if (drop_last and n >= b) else -(-n // b)
+def _global_batch(n: int, batch_size: int, world: int) -> int:
+    return max(world, (min(batch_size, n) // world) * world)
+
+
+def steps_per_epoch(n: int, *, batch_size: int, world: int, drop_last: bool = False) -> int:
+    """The number of batches `iterate_batches` yields for n rows."""
+    b = _global_batch(n, batch_size, world)
+    full, rest = divmod(n, b)
+    last = 1 if (rest // world) * world > 0 and not (drop_last and full > 0) else 0
+    return full + last
 
 
 def cosine_lr(epoch: float, *, lr: float, min_ratio: float, period: int) -> float:

@@ -80,6 +80,10 @@ class CoReg:
     @torch.no_grad()
     def predict_logits(self, x: Tensor, which: str = "default") -> Tensor:
         which = self.cfg.predict_with if which == "default" else which
+        if which not in ("ensemble", *NETS):
+            from pipeline.errors import CoregError
+
+            raise CoregError(f"which={which!r} is unknown; choose default, ensemble, net1 or net2")
         names = NETS if which == "ensemble" else (which,)
         out = 0
         for n in names:

@@ -145,7 +145,8 @@ def coreg_step(
             loss = loss + hp.lambda_proto * pt["loss"]
 
     # --- noisy supervised contrastive learning with a momentum encoder and queue (§3.6) ---
-    with ctx.autocast():
+    # Before the representation terms start (§3.7) the loss is only logged: no graph for this forward.
+    with torch.set_grad_enabled(hp.representation), ctx.autocast():
         _, q = nets.net(torch.cat([ps[0], us[0]]), with_embedding=True)  # (bp+bu, D) first strong views
     q = q.float()
     with torch.no_grad():
@@ -154,7 +155,7 @@ def coreg_step(
             _, k = nets.key(torch.cat([ps[1], us[1]]), with_embedding=True)  # (bp+bu, D)
         k = k.float()
     bp = p_idx.numel()
-    q_all = _gather_blocks(ctx, q[:bp], q[bp:], grad=True)  # (n_p+n_u, D), canonical order [P; U]
+    q_all = _gather_blocks(ctx, q[:bp], q[bp:], grad=hp.representation)  # (n_p+n_u, D), canonical order [P; U]
     k_all = _gather_blocks(ctx, k[:bp], k[bp:])
     lab_all = _gather_blocks(ctx, t_p, t_u)  # (n_p+n_u, C)
     conf_all = torch.cat([torch.ones(n_p, dtype=torch.bool, device=dev), torch.zeros(n_u, dtype=torch.bool, device=dev)])
@@ -184,7 +185,8 @@ def coreg_step(
 
 def warmup_step(ctx: Context, net: nn.Module, *, idx: Tensor, n: int, candidates: Tensor, keys: tuple) -> dict[str, Tensor]:
     """§3.1: partial cross-entropy + negative entropy on a strong view of every row. Returns the terms and
-    the softmax outputs (for the distribution-alignment buffer)."""
+    the softmax outputs. (The code also writes these into its distribution-alignment buffer; here DA uses
+    the whole division pass instead, see method.py, so they are returned for callers that want them.)"""
     aug = ctx.augment
     params = aug.select(aug.sample_strong(n, ctx.rng(*keys, "s")), ctx.dist.rows(n))
     x = aug.apply_strong(ctx.images[idx], params)
