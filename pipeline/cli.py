@@ -110,28 +110,57 @@ _command(
 )
 
 
+_RUN_STAGES = (
+    # (config, prefix for options whose name another stage also uses with another default, skipped fields)
+    (C.TrainConfig, "", ("annotated", "out")),
+    (C.AnnotateConfig, "annotate_", ()),
+    (C.EvaluateConfig, "eval_", ("model", "annotated", "out")),
+)
+
+
+def _run_fields():
+    """{cli name: (stage config, field name)} for `coreg run`. A field shared by stages with the same default
+    (--seed, --cpu, --num-workers) is one option; with different defaults (--batch-size: train 256, annotate
+    64, evaluate 256) train keeps the plain name and the others get a prefix (--annotate-batch-size)."""
+    defaults: dict[str, object] = {}
+    names: dict[str, list[tuple[type, str]]] = {}
+    for cls, prefix, skip in _RUN_STAGES:
+        for f in dataclasses.fields(cls):
+            if f.name in skip:
+                continue
+            name = f.name
+            if name in defaults and defaults[name] != f.default:
+                name = prefix + f.name
+            defaults.setdefault(name, f.default)
+            names.setdefault(name, []).append((cls, f.name))
+    return names
+
+
 def _run_params():
-    """`coreg run IMAGES OUT`: every option of the three stages (shared names such as --seed appear once)."""
-    seen: set[str] = set()
-    params = []
-    for p in _params(C.AnnotateConfig, skip=()):
-        seen.add(p.name)
-        params.append(p)
-    for cls, skip in ((C.TrainConfig, ("annotated", "out")), (C.EvaluateConfig, ("model", "annotated", "out"))):
+    params, done = [], set()
+    fields = _run_fields()
+    for cls, _, skip in _RUN_STAGES:
         for p in _params(cls, skip=skip):
-            if p.name not in seen:
-                seen.add(p.name)
-                params.append(p)
+            name = next(n for n, targets in fields.items() if (cls, p.name) in targets)
+            if name not in done:
+                done.add(name)
+                params.append(p.replace(name=name))
+    # IMAGES and OUT first
+    params.sort(key=lambda p: p.name not in ("images", "out"))
     return params
 
 
 def _run(kw):
     from stages import run as run_stage
 
+    per_stage: dict[type, dict] = {cls: {} for cls, _, _ in _RUN_STAGES}
+    for name, targets in _run_fields().items():
+        for cls, field in targets:
+            per_stage[cls][field] = kw[name]
     run_stage.run(
-        annotate=_pick(C.AnnotateConfig, kw),
-        train_kwargs={k: v for k, v in kw.items() if k in {f.name for f in dataclasses.fields(C.TrainConfig)}},
-        evaluate_kwargs={k: v for k, v in kw.items() if k in {f.name for f in dataclasses.fields(C.EvaluateConfig)}},
+        annotate=C.AnnotateConfig(**per_stage[C.AnnotateConfig]),
+        train_kwargs=per_stage[C.TrainConfig],
+        evaluate_kwargs=per_stage[C.EvaluateConfig],
     )
 
 
