@@ -1,0 +1,186 @@
+"""`coreg annotate` end to end with a tiny random open_clip model (local-dir:), through the real CLI."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from annotators.templates import load_templates
+from pipeline.cli import app
+from pipeline.schema import features, load_annotated
+from tests.tiny import make_image_folder, make_tiny_clip
+
+runner = CliRunner()
+FAST = ["--shard-size", "5", "--batch-size", "4", "--num-workers", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def clip_model(tmp_path_factory):
+    return make_tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = make_image_folder(tmp_path_factory.mktemp("img"), n_per_class=4, split=("train", "test"), fmt="jpg")
+    (root / "train" / "cat" / "broken.jpg").write_bytes((root / "train" / "cat" / "0000.jpg").read_bytes()[:100])
+    (root / "train" / "dog" / "junk.png").write_bytes(b"not a picture")
+    return root
+
+
+def annotate(*args):
+    r = runner.invoke(app, ["annotate", *map(str, args)])
+    return r, r.output  # stdout and stderr, interleaved
+
+
+def table(path):
+    dsd = datasets.load_from_disk(str(path))
+    return {s: ds.remove_columns("image").to_dict() | {"image": [x["bytes"] for x in ds.cast_column("image", datasets.Image(decode=False))["image"]]} for s, ds in dsd.items()}
+
+
+def test_cli_writes_the_contract(tmp_path, images, clip_model):
+    out = tmp_path / "ann"
+    r, text = annotate(images, out, "--model", clip_model, *FAST)
+    assert r.exit_code == 0, text
+    dsd, classes = load_annotated(out, stage="test")  # the contract's own validator accepts it
+    assert classes == ["bird", "cat", "dog"] and set(dsd) == {"train", "test"}
+    n_templates = len(load_templates("paper27"))
+    for ds in dsd.values():
+        assert len(ds) == 12
+        for name, feat in features(classes).items():
+            assert ds.features[name] == feat
+        probs = np.array(ds["vlm_probs"])
+        assert probs.shape == (12, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
+        assert ds["vlm_pred"] == probs.argmax(1).tolist()
+        votes = np.array(ds["votes"])
+        assert votes.shape == (12, n_templates) and votes.min() >= 0 and votes.max() < 3
+        for cand, v in zip(ds["candidates"], votes, strict=True):  # the paper's rule: union of the votes
+            assert cand == sorted(set(v.tolist()))
+        assert ds["label"] == [0] * 4 + [1] * 4 + [2] * 4 and ds["path"][0] == "bird/0000.jpg"
+        assert ds[0]["image"].size == (32, 32)
+    info = json.loads((out / "annotation.json").read_text())
+    assert info["annotator"] == "clip" and info["model"] == clip_model and info["candidate_rule"] == "union"
+    assert info["images_per_second"] > 0 and info["parameters"] > 0 and info["prompts"] == load_templates("paper27")
+    assert info["skipped"] == 2 and sorted(info["skipped_files"]) == ["train/cat/broken.jpg", "train/dog/junk.png"]
+    train = info["stats"]["train"]
+    rows = dsd["train"]
+    covered = np.mean([y in c for y, c in zip(rows["label"], rows["candidates"], strict=True)])
+    assert train["coverage"] == pytest.approx(covered) and train["eta"] == pytest.approx(1 - covered)
+    assert train["zero_shot_accuracy"] == pytest.approx(np.mean(np.array(rows["vlm_pred"]) == np.array(rows["label"])))
+    assert train["mean_candidates"] == pytest.approx(np.mean([len(c) for c in rows["candidates"]]))
+    votes = np.array(rows["votes"])
+    assert train["template_accuracy"] == pytest.approx((votes == np.array(rows["label"])[:, None]).mean(0).tolist())
+    assert {"torch", "open_clip_torch", "datasets"} <= set(info["versions"])
+    assert not (out / ".coreg-partial").exists()
+
+    r, text = annotate(images, out, "--model", clip_model, *FAST)  # same command again: nothing to redo
+    assert r.exit_code == 0 and "already annotated" in text
+
+
+def test_other_rules_and_unlabeled_folder(tmp_path, clip_model):
+    img = make_image_folder(tmp_path / "img", classes=("a", "b", "c", "d"), n_per_class=2)
+    r, text = annotate(img / "a", tmp_path / "out", "--model", clip_model, "--classes", "red,green,blue", "--candidates", "topk:2", *FAST)
+    assert r.exit_code == 0, text
+    ds = datasets.load_from_disk(str(tmp_path / "out"))["train"]
+    assert ds["label"] == [-1, -1] and all(len(c) == 2 for c in ds["candidates"])
+    assert ds.features["label"].names == ["red", "green", "blue"]
+    info = json.loads((tmp_path / "out" / "annotation.json").read_text())
+    assert info["stats"]["train"]["zero_shot_accuracy"] is None and info["labeled"] == {"train": False}
+
+
+class Interrupt(KeyboardInterrupt):
+    pass
+
+
+def test_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path, images, clip_model, monkeypatch):
+    from annotators.clip import ClipAnnotator
+    from pipeline.shards import ShardStore
+
+    full = tmp_path / "full"
+    assert annotate(images, full, "--model", clip_model, *FAST)[0].exit_code == 0
+
+    calls = []
+    score = ClipAnnotator.score
+    monkeypatch.setattr(ClipAnnotator, "score", lambda self, items: calls.append(len(items)) or score(self, items))
+    write = ShardStore.write
+
+    def write_then_die(self, split, i, *a, **k):
+        write(self, split, i, *a, **k)
+        if len(list(self.root.glob("*/shard-*"))) == 2:
+            raise Interrupt
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(ShardStore, "write", write_then_die)
+    r, text = annotate(images, out, "--model", clip_model, *FAST)
+    assert r.exit_code == 130 and "run the same command again" in text
+    assert not (out / "dataset_dict.json").exists()
+    first = sum(calls)
+    partial = next((out / ".coreg-partial").iterdir())
+    (partial / "train" / ".tmp-shard-00002-999").mkdir()  # a half-written shard left by kill -9
+
+    monkeypatch.setattr(ShardStore, "write", write)
+    calls.clear()
+    r, text = annotate(images, out, "--model", clip_model, *FAST)
+    assert r.exit_code == 0, text
+    assert first + sum(calls) == 24  # every readable image scored exactly once over both runs
+    assert first == 9  # two finished shards of 5 files, one of them unreadable: not scored again
+    assert table(out) == table(full)
+    assert json.loads((out / "annotation.json").read_text())["stats"] == json.loads((full / "annotation.json").read_text())["stats"]
+
+
+def test_changed_settings_never_reuse_stale_shards(tmp_path, images, clip_model, monkeypatch):
+    from pipeline.shards import ShardStore
+
+    out = tmp_path / "ann"
+    write = ShardStore.write
+
+    def die_after_first(self, *a, **k):
+        write(self, *a, **k)
+        raise Interrupt
+
+    monkeypatch.setattr(ShardStore, "write", die_after_first)
+    assert annotate(images, out, "--model", clip_model, *FAST)[0].exit_code == 130
+    monkeypatch.setattr(ShardStore, "write", write)
+    r, text = annotate(images, out, "--model", clip_model, "--candidates", "topk:1", *FAST)
+    assert r.exit_code == 0, text
+    ds = datasets.load_from_disk(str(out))
+    assert all(len(c) == 1 for s in ds for c in ds[s]["candidates"])  # no union-rule shard survived
+    assert len(list((out).glob(".coreg-partial/*"))) == 0
+    r, text = annotate(images, out, "--model", clip_model, "--templates", "imagenet80", *FAST)  # done, but other prompts
+    assert r.exit_code == 0 and "already annotated" not in text
+    assert len(datasets.load_from_disk(str(out))["train"][0]["votes"]) == 80
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["{missing}", "{out}"], "folder not found"),
+        (["{img}", "{out}", "--annotator", "blip"], "--annotator 'blip'"),
+        (["{img}", "{out}", "--candidates", "top:2"], "--candidates"),
+        (["{img}", "{out}", "--candidates", "topk:9"], "--candidates"),
+        (["{img}", "{out}", "--device", "tpu9"], "--device"),
+        (["{img}", "{out}", "--templates", "nope"], "--templates"),
+        (["{img}", "{out}", "--pretrained", "openai"], "no effect"),
+        (["{img}", "{other}"], "holds other things"),
+        (["{img}", "{file}"], "is a file"),
+        (["{img}/train/cat", "{out}"], "outside class sub-folders"),
+        (["{img}", "{out}", "--model", "ViT-Nope-1"], "not an open_clip model"),
+        (["{img}", "{out}", "--shard-size", "0"], "--shard-size"),
+    ],
+)
+def test_bad_inputs_fail_with_one_line(tmp_path, images, clip_model, args, match):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    (tmp_path / "f.txt").write_text("x")
+    fill = {"missing": tmp_path / "nope", "out": tmp_path / "out", "img": images, "other": other, "file": tmp_path / "f.txt"}
+    argv = [a.format(**fill) for a in args]
+    if "--model" not in argv:
+        argv += ["--model", clip_model]
+    r, text = annotate(*argv)
+    assert r.exit_code == 2, text
+    assert match in text and text.startswith("error:") and len(text.strip().splitlines()) == 1
+    assert (other / "keep.txt").read_text() == "mine"
