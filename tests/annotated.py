@@ -22,7 +22,9 @@ def class_image(rng: np.random.Generator, label: int, size: int) -> Image.Image:
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
-def make_rows(n: int, classes: list[str], *, seed: int, size: int = 16, q: float = 0.2, eta: float = 0.1, labeled=True):
+def make_rows(
+    n: int, classes: list[str], *, seed: int, size: int = 16, q: float = 0.2, eta: float = 0.1, labeled=True, trusted: int = 0
+):
     rng = np.random.default_rng(seed)
     c = len(classes)
     rows = {k: [] for k in ("image", "path", "label", "trusted", "candidates", "vlm_probs", "vlm_pred")}
@@ -41,8 +43,8 @@ def make_rows(n: int, classes: list[str], *, seed: int, size: int = 16, q: float
         probs /= probs.sum()
         rows["image"].append(class_image(rng, y, size))
         rows["path"].append(f"img_{i:04d}.png")
-        rows["label"].append(y if labeled else -1)
-        rows["trusted"].append(False)
+        rows["label"].append(y if (labeled or i < trusted) else -1)
+        rows["trusted"].append(i < trusted)  # the first `trusted` rows carry a human label
         rows["candidates"].append(cand)
         rows["vlm_probs"].append(probs.tolist())
         rows["vlm_pred"].append(int(cand[0]))
@@ -51,7 +53,7 @@ def make_rows(n: int, classes: list[str], *, seed: int, size: int = 16, q: float
 
 def make_annotated(
     path: str | Path, *, n_train: int = 48, n_test: int = 24, classes=("red", "green", "blue"), seed: int = 0,
-    size: int = 16, labeled_train: bool = True, **noise,
+    size: int = 16, labeled_train: bool = True, trusted: int = 0, **noise,
 ) -> Path:
     import datasets
 
@@ -59,7 +61,7 @@ def make_annotated(
 
     classes = list(classes)
     feats = features(classes)
-    splits = {"train": datasets.Dataset.from_dict(make_rows(n_train, classes, seed=seed, size=size, labeled=labeled_train, **noise), features=feats)}
+    splits = {"train": datasets.Dataset.from_dict(make_rows(n_train, classes, seed=seed, size=size, labeled=labeled_train, trusted=trusted, **noise), features=feats)}
     if n_test:
         splits["test"] = datasets.Dataset.from_dict(make_rows(n_test, classes, seed=seed + 1, size=size, q=0, eta=0), features=feats)
     datasets.DatasetDict(splits).save_to_disk(str(path))

@@ -98,12 +98,14 @@ def test_labels_are_diagnostics_only(ann, tmp_path):
         assert keep(x) == keep(y)
 
 
-def test_trusted_rows_train_and_unlabeled_train_split(tmp_path):
-    ann = make_annotated(tmp_path / "ann", n_train=24, n_test=0, labeled_train=False)
-    r = train(ann, tmp_path / "m", "--epochs", "2")
+def test_unlabeled_train_split_with_trusted_rows_and_tensorboard(tmp_path):
+    ann = make_annotated(tmp_path / "ann", n_train=24, n_test=0, labeled_train=False, trusted=3)
+    r = train(ann, tmp_path / "m", "--epochs", "2", "--tensorboard")
     assert r.exit_code == 0, r.output
     last = json.loads((tmp_path / "m" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert "test_acc" not in last and not any("diag_" in k for k in last)
+    assert "test_acc" not in last
+    assert "net1/diag_p_valid" in last  # only the 3 trusted rows have a label to diagnose with
+    assert list((tmp_path / "m").glob("coreg/events.out.tfevents.*"))
 
 
 @pytest.mark.parametrize(
