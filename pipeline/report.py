@@ -58,10 +58,10 @@ def headline(r: dict) -> str:
     if gain is not None:
         word = "more" if gain >= 0 else "less"
         parts.append(f"{abs(100 * gain):.1f} points {word} accurate")
-    vlm = cost["vlm"].get("model") or cost["vlm"].get("annotator") or "the VLM"
+    vlm = cost["vlm"].get("model") or cost["vlm"].get("annotator")
     if not parts:
         return "The student's size, speed and accuracy could not be compared with the VLM's (see the notes)."
-    return f"The student is {', '.join(parts)} than the VLM ({vlm}) that annotated its data."
+    return f"The student is {', '.join(parts)} than the VLM{f' ({vlm})' if vlm else ''} that annotated its data."
 
 
 def summary_rows(r: dict) -> list[tuple[str, str, str]]:

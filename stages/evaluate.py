@@ -115,20 +115,26 @@ def evaluate(cfg: EvaluateConfig, ds, classes: list[str], *, info: dict, out: Pa
     mine = shard(len(ds), accelerator.process_index, accelerator.num_processes)
     logits, seconds = predict_rows(model, ds, mine, batch_size=cfg.batch_size, progress=main)
     parts = gather_object([(list(mine), logits, seconds)])
-    if not main:
-        return out
+    if main:
+        report_split(cfg, ds, classes, model=model, parts=parts, info=info, out=out, processes=accelerator.num_processes)
+    accelerator.wait_for_everyone()  # every process returns once the report exists
+    return out
+
+
+def report_split(cfg, ds, classes, *, model, parts, info: dict, out: Path, processes: int) -> None:
+    """Main process only: merge the shards, build the report, write it with its figures, print the summary."""
+    from pipeline.report import print_summary, write_report
+
+    mine = parts[0][0]
     per_net = merge_shards([(r, p) for r, p, _ in parts], len(ds))
     report = build_report(cfg, ds, classes, model=model, per_net=per_net, info=info, seconds=parts[0][2], rows_main=len(mine))
-    report["processes"] = accelerator.num_processes
+    report["processes"] = processes
     out.mkdir(parents=True, exist_ok=True)
     for f in REPORT_FILES:  # a re-run replaces the previous report entirely (no stale figure survives)
         (out / f).unlink(missing_ok=True)
     report["figures"] = write_figures(out, report, ds, per_net, model, limit=cfg.overrule_sheet)
-    from pipeline.report import print_summary, write_report
-
     write_report(out, report)
     print_summary(report, out)
-    return out
 
 
 def _columns(ds, classes):
@@ -148,7 +154,7 @@ def build_report(cfg, ds, classes, *, model, per_net: dict, info: dict, seconds:
     """Everything of report.json except the figures: quality from the merged logits, cost from timing."""
     import torch
 
-    from pipeline.cost import ratios, student_cost, time_student, vlm_from_info
+    from pipeline.cost import measure_vlm, ratios, student_cost, time_student, vlm_from_info
     from pipeline.metrics import evaluate_predictions
 
     label, vlm_pred, cands = _columns(ds, classes)
@@ -173,7 +179,11 @@ def build_report(cfg, ds, classes, *, model, per_net: dict, info: dict, seconds:
         batch_size=cfg.batch_size,
     )
     vlm = vlm_from_info(info)
-    notes = _notes(cfg, quality, vlm)
+    why_not = "--no-measure-vlm given"
+    if cfg.measure_vlm:
+        measured, why_not = measure_vlm(info, classes, speed_sample, device=model.device, batch_size=cfg.batch_size)
+        vlm.update(measured)
+    notes = _notes(cfg, quality, vlm, why_not)
     return {
         "split": cfg.split,
         **quality,
@@ -190,7 +200,7 @@ def build_report(cfg, ds, classes, *, model, per_net: dict, info: dict, seconds:
     }
 
 
-def _notes(cfg, q: dict, vlm: dict) -> list[str]:
+def _notes(cfg, q: dict, vlm: dict, why_not: str | None) -> list[str]:
     notes = []
     if cfg.split == "train":
         notes.append(
@@ -204,8 +214,15 @@ def _notes(cfg, q: dict, vlm: dict) -> list[str]:
         )
     elif q["labeled"] < q["n"]:
         notes.append(f"Accuracies use the {q['labeled']} labeled rows of {q['n']}; the rest count only in agreement and distributions.")
-    if vlm.get("source") is None:
-        notes.append("The VLM's speed is unknown (not measurable here and absent from annotation.json).")
+    if vlm.get("source") == "annotation.json":
+        notes.append(f"VLM speed and size taken from annotation.json, not measured here: {why_not}.")
+    elif vlm.get("source") is None:
+        notes.append(f"The VLM's speed is unknown: not measured here ({why_not}) and absent from annotation.json.")
+    elif vlm.get("annotator") == "clip":
+        notes.append(
+            "VLM parameters count CLIP's image encoder only: per image, zero-shot CLIP runs just that tower "
+            f"(the whole model, text encoder included, has {vlm['parameters_total']:,})."
+        )
     if not vlm.get("parameters"):
         notes.append("The VLM's parameter count is unknown, so the size ratio is not given.")
     return notes

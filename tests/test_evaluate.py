@@ -5,6 +5,9 @@ net1 -> [0, 2, 0] (predicts dog), net2 -> [0, 0, 1] (predicts fox), ensemble sum
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import datasets
 import numpy as np
@@ -25,16 +28,16 @@ VLM_PRED = [1, 0, 0, 2, 2, 1]
 CANDS = [[1], [0], [0, 1], [2], [1, 2], [0]]
 
 
-def make_dataset(path, *, labels=LABELS, classes=CLASSES, splits=("train", "test"), info=None):
-    n = len(labels)
+def make_dataset(path, *, labels=LABELS, classes=CLASSES, splits=("train", "test"), info=None, n=6):
+    """The first n of the six hand-made rows, in every split given."""
     rows = {
         "image": [Image.new("RGB", (20, 16), (40 * i, 90, 200 - 30 * i)) for i in range(n)],
         "path": [f"img{i}.png" for i in range(n)],
-        "label": list(labels),
+        "label": list(labels)[:n],
         "trusted": [False] * n,
-        "candidates": CANDS,
-        "vlm_probs": [np.eye(len(classes), dtype=np.float32)[p].tolist() for p in VLM_PRED],
-        "vlm_pred": VLM_PRED,
+        "candidates": CANDS[:n],
+        "vlm_probs": [np.eye(len(classes), dtype=np.float32)[p].tolist() for p in VLM_PRED[:n]],
+        "vlm_pred": VLM_PRED[:n],
     }
     ds = datasets.Dataset.from_dict(rows, features=features(classes))
     datasets.DatasetDict({s: ds for s in splits}).save_to_disk(str(path))
@@ -156,3 +159,27 @@ def test_shards_cover_every_row_exactly_once():
     assert evaluate.merge_shards(parts, 5)["net1"].ravel().tolist() == [0, 1, 2, 3, 4]
     with pytest.raises(RuntimeError, match="counted twice"):
         evaluate.merge_shards([([0, 1], {"net1": np.zeros((2, 1))}), ([1], {"net1": np.zeros((1, 1))})], 3)
+
+
+def free_port() -> int:
+    """A port nobody listens on now (a fixed one collides with other test runs on the same machine)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_count_every_row_once(tmp_path, model):
+    """torchrun with 2 CPU processes (gloo), as under `accelerate launch`: 5 rows split 3 + 2, one report."""
+    data = make_dataset(tmp_path / "data", n=5)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), "-m", "pipeline.cli", "evaluate", str(model), str(data),
+           "--cpu", "--out", str(tmp_path / "r")]  # fmt: skip
+    res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    r = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert r["processes"] == 2 and r["n"] == 5
+    assert r["student_accuracy"] == pytest.approx(4 / 5) and r["zero_shot_accuracy"] == pytest.approx(2 / 5)
+    assert sum(r["prediction_counts"].values()) == 5

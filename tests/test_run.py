@@ -1,0 +1,172 @@
+"""`coreg run IMAGES OUT` end to end through the CLI with a tiny offline CLIP: labeled and flat folders,
+interruption and resume, finished stages kept, changed options redone."""
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from stages import run as run_stage
+from tests.tiny import make_image_folder, make_tiny_clip
+
+CLASSES = ("cat", "dog", "bird")
+TINY = [
+    "--arch", "small_cnn", "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "8", "--image-size", "16",
+    "--queue-size", "32", "--num-workers", "0", "--cpu", "--device", "cpu", "--templates", "imagenet80",
+]  # fmt: skip
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return make_tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
+def coreg_run(images, out, clip, *extra):
+    res = runner.invoke(app, ["run", str(images), str(out), "--model", clip, *TINY, *extra])
+    return res
+
+
+def stages(out):
+    return json.loads((out / "run.json").read_text())["stages"]
+
+
+def mtimes(out):
+    files = ("annotated/dataset_dict.json", "model/model.safetensors", "report/report.json")
+    return {f: (out / f).stat().st_mtime_ns for f in files}
+
+
+def test_labeled_folder_then_resume_keep_and_redo(tmp_path, clip, monkeypatch):
+    images = make_image_folder(tmp_path / "imgs", classes=CLASSES, n_per_class=6, size=16, split=("train", "test"))
+    out = tmp_path / "out"
+    res = coreg_run(images, out, clip)
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "report" / "report.json").read_text())
+    assert r["split"] == "test" and r["n"] == 18 and r["labels_known"]
+    assert r["student_accuracy"] is not None and r["zero_shot_accuracy"] is not None
+    assert (out / "report" / "report.md").is_file() and (out / "report" / "confusion_student.png").is_file()
+    vlm = r["cost"]["vlm"]  # the tiny CLIP was re-loaded from annotation.json and timed on the same images
+    assert vlm["source"] == "measured" and vlm["images_per_second"] > 0 and vlm["parameters"] > 0
+    assert r["cost"]["faster_x"] == pytest.approx(r["cost"]["student"]["images_per_second"] / vlm["images_per_second"])
+    assert {k: v["status"] for k, v in stages(out).items()} == {"annotate": "done", "train": "done", "evaluate": "done"}
+    assert "predict: coreg predict" in res.output and "test accuracy: student" in res.output
+    before = mtimes(out)
+
+    # 1. the same command again: nothing is redone
+    res = coreg_run(images, out, clip)
+    assert res.exit_code == 0, res.output
+    assert "annotate: kept" in res.output and "train: kept" in res.output and "evaluate: kept" in res.output
+    assert mtimes(out) == before
+
+    # 2. interrupted during evaluate: annotate and train stay, evaluate finishes on the re-run
+    shutil.rmtree(out / "report")
+    from stages import evaluate
+
+    real = evaluate.run
+
+    def interrupt(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "run", interrupt)
+    res = coreg_run(images, out, clip)
+    assert res.exit_code == 130 and stages(out)["evaluate"]["status"] == "running"
+    monkeypatch.setattr(evaluate, "run", real)
+    res = coreg_run(images, out, clip)
+    assert res.exit_code == 0, res.output
+    assert "annotate: kept" in res.output and "train: kept" in res.output and "evaluate: done" in res.output
+    after = mtimes(out)
+    assert after["annotated/dataset_dict.json"] == before["annotated/dataset_dict.json"]
+    assert after["model/model.safetensors"] == before["model/model.safetensors"]
+
+    # 3. more epochs: same run, continued from its checkpoint (metrics of epochs 0-1 kept, epoch 2 added)
+    first_lines = (out / "model" / "metrics.jsonl").read_text().splitlines()
+    res = coreg_run(images, out, clip, "--epochs", "3")
+    assert res.exit_code == 0, res.output
+    assert "train: resumed from its checkpoint" in res.output and "evaluate: done" in res.output
+    lines = (out / "model" / "metrics.jsonl").read_text().splitlines()
+    assert lines[:2] == first_lines and [json.loads(x)["epoch"] for x in lines] == [0, 1, 2]
+
+    # 4. a changed training option redoes train (from scratch) and evaluate, not annotate
+    res = coreg_run(images, out, clip, "--epochs", "3", "--seed", "1")
+    assert res.exit_code == 0, res.output
+    assert "annotate: kept" in res.output and "train: done" in res.output
+    assert (out / "annotated/dataset_dict.json").stat().st_mtime_ns == before["annotated/dataset_dict.json"]
+    assert json.loads((out / "model" / "config.json").read_text())["seed"] == 1
+
+    # 5. a changed annotate option redoes everything
+    res = coreg_run(images, out, clip, "--epochs", "3", "--seed", "1", "--candidates", "topk:2")
+    assert res.exit_code == 0, res.output
+    assert "annotate: done" in res.output and "train: done" in res.output
+    assert (out / "annotated/dataset_dict.json").stat().st_mtime_ns != before["annotated/dataset_dict.json"]
+
+
+def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, clip, monkeypatch):
+    images = make_image_folder(tmp_path / "imgs", classes=CLASSES, n_per_class=6, size=16, split=("train", "test"))
+    out = tmp_path / "out"
+    from pipeline import checkpoint
+
+    real = checkpoint.save_checkpoint
+
+    def save_then_stop(out_dir, *, epoch, method, config):
+        real(out_dir, epoch=epoch, method=method, config=config)
+        raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_stop)
+    res = coreg_run(images, out, clip)
+    assert res.exit_code == 130
+    assert stages(out)["annotate"]["status"] == "done" and stages(out)["train"]["status"] == "running"
+    annotated = (out / "annotated/dataset_dict.json").stat().st_mtime_ns
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real)
+    res = coreg_run(images, out, clip)
+    assert res.exit_code == 0, res.output
+    assert "annotate: kept" in res.output and "train: resumed from its checkpoint" in res.output
+    assert "resuming" in res.output and "at epoch 1" in res.output
+    assert (out / "annotated/dataset_dict.json").stat().st_mtime_ns == annotated
+    epochs = [json.loads(x)["epoch"] for x in (out / "model" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1]
+
+
+def test_flat_folder_runs_without_labels_and_says_so(tmp_path, clip):
+    labeled = make_image_folder(tmp_path / "src", classes=CLASSES, n_per_class=6, size=16)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in sorted(labeled.rglob("*.png")):
+        shutil.copy(p, flat / f"{p.parent.name}_{p.name}")
+    out = tmp_path / "out"
+    res = coreg_run(flat, out, clip, "--classes", ",".join(CLASSES))
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "report" / "report.json").read_text())
+    assert r["split"] == "train" and not r["labels_known"] and r["student_accuracy"] is None
+    assert 0 <= r["agreement_with_vlm"] <= 1 and sum(r["prediction_counts"].values()) == 18
+    assert "accuracy could not be measured" in res.output and "No test split" in res.output
+    assert "Accuracy cannot be measured" in (out / "report" / "report.md").read_text()
+
+
+def test_out_holding_other_files_is_refused(tmp_path, clip):
+    images = make_image_folder(tmp_path / "imgs", classes=CLASSES, n_per_class=2, size=16)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("x")
+    res = coreg_run(images, out, clip)
+    assert res.exit_code == 2 and "did not write (thesis.tex)" in res.output
+    res = coreg_run(images, images / "out", clip)
+    assert res.exit_code == 2 and "lies inside IMAGES" in res.output
+
+
+def test_fingerprints_follow_options_and_files(tmp_path):
+    from pipeline.config import AnnotateConfig
+
+    images = make_image_folder(tmp_path / "imgs", classes=CLASSES, n_per_class=2, size=16)
+    cfg = AnnotateConfig(images=str(images), out=str(tmp_path / "out"))
+    fp = run_stage.annotate_fingerprint(cfg, tmp_path / "out")
+    import dataclasses
+
+    assert run_stage.annotate_fingerprint(dataclasses.replace(cfg, num_workers=7), tmp_path / "out") == fp
+    assert run_stage.annotate_fingerprint(dataclasses.replace(cfg, candidates="topk:2"), tmp_path / "out") != fp
+    assert run_stage.annotate_fingerprint(dataclasses.replace(cfg, seed=3), tmp_path / "out") == fp  # CLIP ignores it
+    synth = dataclasses.replace(cfg, annotator="synthetic")
+    assert run_stage.annotate_fingerprint(dataclasses.replace(synth, seed=3), tmp_path / "out") != run_stage.annotate_fingerprint(synth, tmp_path / "out")
+    (images / "cat" / "extra.png").write_bytes((images / "cat" / "0000.png").read_bytes())
+    assert run_stage.annotate_fingerprint(cfg, tmp_path / "out") != fp
