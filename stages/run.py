@@ -28,7 +28,7 @@ from pipeline.errors import CoregError
 RUN_FILE = "run.json"
 OWNED = {"annotated", "model", "report", RUN_FILE}
 # Options that change neither a stage's result nor its resumability: they do not enter the fingerprints.
-ANNOTATE_FREE = {"out", "num_workers", "batch_size", "device", "shard_size"}
+ANNOTATE_FREE = {"out", "num_workers", "batch_size", "llava_batch_size", "device", "shard_size"}
 # Options read by one annotator only: changing --seed (shared with train) must not redo a CLIP annotation.
 ANNOTATOR_OPTIONS = {"clip": {"templates"}, "llava": {"questions", "max_new_tokens"}, "synthetic": {"noise", "seed"}}
 EVALUATE_FREE = {"model", "annotated", "out", "batch_size", "cpu"}
@@ -79,6 +79,8 @@ def train_fingerprints(cfg: TrainConfig, data_fp: str) -> tuple[str, str]:
 
     opts = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in {"annotated", "out", "resume"}}
     resumable = {k: v for k, v in opts.items() if k not in RESUME_FREE}
+    if cfg.lr_period == 0:  # the cosine schedule then follows the run length: other epochs, other run
+        resumable["epochs"] = cfg.epochs
     return fingerprint({"options": opts, "data": data_fp}), fingerprint({"options": resumable, "data": data_fp})
 
 

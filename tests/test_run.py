@@ -166,6 +166,15 @@ def test_fingerprints_follow_options_and_files(tmp_path):
     assert run_stage.annotate_fingerprint(dataclasses.replace(cfg, num_workers=7), tmp_path / "out") == fp
     assert run_stage.annotate_fingerprint(dataclasses.replace(cfg, candidates="topk:2"), tmp_path / "out") != fp
     assert run_stage.annotate_fingerprint(dataclasses.replace(cfg, seed=3), tmp_path / "out") == fp  # CLIP ignores it
+    from pipeline.config import TrainConfig
+
+    train = TrainConfig(annotated="a", out="m")
+    full, key = run_stage.train_fingerprints(train, "data")
+    more = run_stage.train_fingerprints(dataclasses.replace(train, epochs=900), "data")
+    assert more[0] != full and more[1] == key  # more epochs: a different run that can continue this one
+    assert run_stage.train_fingerprints(train, "other data") != (full, key)
+    short = dataclasses.replace(train, lr_period=0)  # the schedule follows the run length: not resumable
+    assert run_stage.train_fingerprints(dataclasses.replace(short, epochs=900), "data")[1] != run_stage.train_fingerprints(short, "data")[1]
     synth = dataclasses.replace(cfg, annotator="synthetic")
     assert run_stage.annotate_fingerprint(dataclasses.replace(synth, seed=3), tmp_path / "out") != run_stage.annotate_fingerprint(synth, tmp_path / "out")
     (images / "cat" / "extra.png").write_bytes((images / "cat" / "0000.png").read_bytes())
