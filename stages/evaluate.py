@@ -202,7 +202,7 @@ def build_report(cfg, ds, classes, *, model, per_net: dict, info: dict, seconds:
 
 def _notes(cfg, q: dict, vlm: dict, why_not: str | None) -> list[str]:
     notes = []
-    if cfg.split == "train":
+    if cfg.split == "train" and q["labeled"]:
         notes.append(
             "Evaluated on the training split: this measures how well the student purified its own training "
             "labels (ground truth was used here for diagnostics only, never for training)."

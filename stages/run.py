@@ -221,10 +221,7 @@ def _evaluate_options(kwargs: dict, annotated: Path, model: Path, report: Path) 
         if split != "test":
             raise CoregError(f"--split {split!r}: {annotated} has no such split (it has {', '.join(sorted(dsd))})")
         split = "train"
-        note = (
-            "No test split: evaluated on the training images. This measures how well the student purified its "
-            "training labels (ground truth used for diagnostics only, never for training)."
-        )
+        note = "No test split: evaluated on the training images."
     cfg = from_dict(EvaluateConfig, {**kwargs, "model": str(model), "annotated": str(annotated), "out": str(report), "split": split})
     return cfg, note
 
@@ -247,6 +244,11 @@ def print_summary(out: Path, log: list[str], note: str | None) -> None:
         lines.append(
             f"  accuracy could not be measured (no labels); the student agrees with the VLM on {pct(r['agreement_with_vlm'])} "
             "of the images. Give class sub-folders or --test-dir to measure it."
+        )
+    if note and r["labels_known"]:
+        note += (
+            " This measures how well the student purified its training labels (ground truth used for "
+            "diagnostics only, never for training)."
         )
     if note:
         lines.append(f"  note: {note}")

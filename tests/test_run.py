@@ -141,6 +141,7 @@ def test_flat_folder_runs_without_labels_and_says_so(tmp_path, clip):
     assert r["split"] == "train" and not r["labels_known"] and r["student_accuracy"] is None
     assert 0 <= r["agreement_with_vlm"] <= 1 and sum(r["prediction_counts"].values()) == 18
     assert "accuracy could not be measured" in res.output and "No test split" in res.output
+    assert "purified" not in res.output and not any("purified" in n for n in r["notes"])  # nothing to purify-check
     assert "Accuracy cannot be measured" in (out / "report" / "report.md").read_text()
 
 
