@@ -65,7 +65,12 @@ class ShardStore:
         shutil.rmtree(tmp, ignore_errors=True)
         datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(tmp))
         (tmp / META).write_text(json.dumps(meta))  # last file in: its presence means "complete"
-        os.replace(tmp, final)  # atomic: readers see the whole shard or none of it
+        try:
+            os.replace(tmp, final)  # atomic: readers see the whole shard or none of it
+        except OSError:
+            if not self.done(split, i):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same shard first
 
     def meta(self, split: str, i: int) -> dict:
         return json.loads((self._dir(split, i) / META).read_text())

@@ -92,11 +92,14 @@ class _OneProcess:
         pass
 
 
-def _process_state():
+def _process_state(device: str):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch / torchrun
+        import torch
         from accelerate import PartialState
 
-        return PartialState()
+        # Without cpu=True accelerate does not join CPU processes into one group (gloo) and each would
+        # believe it is alone.
+        return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
     return _OneProcess()
 
 
@@ -201,7 +204,7 @@ def _run(cfg: AnnotateConfig) -> Path:
     rule = parse_rule(cfg.candidates, len(layout.classes))
     out = Path(cfg.out)
     _check_out(out)
-    state = _process_state()
+    state = _process_state(cfg.device)
     key = request_key(cfg, layout, state)
     info_file = out / ANNOTATION_FILE
     if info_file.is_file() and (out / "dataset_dict.json").is_file():

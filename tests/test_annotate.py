@@ -184,3 +184,21 @@ def test_bad_inputs_fail_with_one_line(tmp_path, images, clip_model, args, match
     assert r.exit_code == 2, text
     assert match in text and text.startswith("error:") and len(text.strip().splitlines()) == 1
     assert (other / "keep.txt").read_text() == "mine"
+
+
+def test_decoding_stays_a_bounded_number_of_batches_ahead(tmp_path, clip_model, monkeypatch):
+    """Streaming: when the model gets batch k, at most PREFETCH_BATCHES further batches have been read."""
+    import stages.annotate as stage
+    from annotators.clip import ClipAnnotator
+
+    img = make_image_folder(tmp_path / "img", n_per_class=8)  # 24 images, one shard, 6 batches of 4
+    reads, at_score = [], []
+    read = stage.read_image
+    monkeypatch.setattr(stage, "read_image", lambda p, **k: reads.append(p) or read(p, **k))
+    score = ClipAnnotator.score
+    monkeypatch.setattr(ClipAnnotator, "score", lambda self, items: at_score.append(len(reads)) or score(self, items))
+    r, text = annotate(img, tmp_path / "out", "--model", clip_model, "--batch-size", "4", "--shard-size", "100", "--num-workers", "2")
+    assert r.exit_code == 0, text
+    assert len(at_score) == 6 and len(reads) == 24
+    for k, n in enumerate(at_score):
+        assert n <= (k + 1 + stage.PREFETCH_BATCHES) * 4
