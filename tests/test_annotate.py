@@ -202,3 +202,61 @@ def test_decoding_stays_a_bounded_number_of_batches_ahead(tmp_path, clip_model, 
     assert len(at_score) == 6 and len(reads) == 24
     for k, n in enumerate(at_score):
         assert n <= (k + 1 + stage.PREFETCH_BATCHES) * 4
+
+
+def test_resume_after_kill_9(tmp_path, clip_model, monkeypatch):
+    """A real SIGKILL mid-run: the next run redoes only the missing shards and ends identical."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from annotators.clip import ClipAnnotator
+
+    img = make_image_folder(tmp_path / "img", n_per_class=20)  # 60 images, 30 shards of 2
+    args = [str(img), "", "--model", clip_model, "--shard-size", "2", "--batch-size", "2", "--num-workers", "1", "--device", "cpu"]
+    out = tmp_path / "killed"
+    args[1] = str(out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "annotate", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list(out.glob(".coreg-partial/*/train/shard-*"))) < 3:
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "dataset_dict.json").exists(), "killed too late: the run had already finished"
+    done = len(list(out.glob(".coreg-partial/*/train/shard-*")))
+
+    calls = []
+    score = ClipAnnotator.score
+    monkeypatch.setattr(ClipAnnotator, "score", lambda self, items: calls.append(len(items)) or score(self, items))
+    r, text = annotate(*args)
+    assert r.exit_code == 0, text
+    assert sum(calls) == 60 - 2 * done
+    args[1] = str(tmp_path / "full")
+    assert annotate(*args)[0].exit_code == 0
+    assert table(out) == table(tmp_path / "full")
+
+
+def test_builtin_name_with_a_local_weights_file(tmp_path, clip_model, images):
+    """`--model NAME --pretrained FILE`: registered architecture + weights file, the offline path for real CLIPs."""
+    import open_clip
+
+    from tests.tiny import tiny_clip_config
+
+    local = clip_model.removeprefix("local-dir:")
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "coreg-tiny-test.json").write_text(json.dumps(tiny_clip_config()["model_cfg"]))
+    open_clip.add_model_config(tmp_path / "cfg")  # now a built-in name, like ViT-B-32
+    weights = f"{local}/open_clip_model.safetensors"
+    r, text = annotate(images, tmp_path / "a", "--model", "coreg-tiny-test", "--pretrained", weights, *FAST)
+    assert r.exit_code == 0, text
+    same = annotate(images, tmp_path / "b", "--model", clip_model, *FAST)[0]
+    assert same.exit_code == 0 and table(tmp_path / "a") == table(tmp_path / "b")  # same weights, same rows
+    assert json.loads((tmp_path / "a" / "annotation.json").read_text())["pretrained"] == weights
+    r, text = annotate(images, tmp_path / "c", "--model", "coreg-tiny-test", *FAST)
+    assert r.exit_code == 2 and "give --pretrained" in text
+    r, text = annotate(images, tmp_path / "c", "--model", "coreg-tiny-test", "--pretrained", "laion9b", *FAST)
+    assert r.exit_code == 2 and "neither a file nor a tag" in text
