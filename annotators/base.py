@@ -9,7 +9,7 @@ Every annotator takes built objects in its constructor (so tests inject tiny ran
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -30,7 +30,6 @@ class Scores:
     votes: np.ndarray  # (N, P) int32, each prompt's top-1 class -> the union rule and the `votes` column
     answers: list[list[str]] | None = None  # (N, P) raw text answers, for annotators that talk
     unparsed: int = 0  # answers that named no class (counted, never guessed)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Annotator(Protocol):
@@ -40,9 +39,6 @@ class Annotator(Protocol):
 
     def spec(self) -> dict:
         """Provenance for annotation.json: annotator, model, pretrained, parameters, weights_bytes, precision."""
-
-    def identity(self) -> dict:
-        """Everything about this annotator that changes its output (the resume cache key)."""
 
     def prepare(self, img: Image.Image) -> Any:
         """Per-image CPU work on an RGB image; must be thread-safe."""

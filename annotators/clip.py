@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from annotators.base import Scores, count_parameters, fingerprint, resolve_device
+from annotators.base import Scores, count_parameters, resolve_device
 from annotators.templates import fill
 from pipeline.errors import CoregError
 
@@ -38,14 +38,13 @@ class ClipAnnotator:
     name = "clip"
 
     def __init__(self, model, preprocess, tokenizer, *, classes: list[str], templates: list[str], device="cpu",
-                 model_name: str = "", pretrained: str = "", identity: dict | None = None):
+                 model_name: str = "", pretrained: str = ""):
         import torch
 
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.model = model.eval().to(self.device)
         self.classes, self.prompts = list(classes), list(templates)
         self.model_name, self.pretrained = model_name, pretrained
-        self._identity = identity or {"model": model_name, "pretrained": pretrained}
         self.pil_steps, mean, std = split_preprocess(preprocess)
         self.batched_norm = mean is not None
         if self.batched_norm:
@@ -67,7 +66,6 @@ class ClipAnnotator:
         model = model or DEFAULT_MODEL
         dev = resolve_device(device)
         schema = "local-dir" if model.startswith("local-dir:") else "hf-hub" if model.startswith("hf-hub:") else None
-        identity: dict = {"model": model}
         if schema:
             if pretrained:
                 raise CoregError(f"--pretrained {pretrained!r} has no effect with --model {model}: that model brings its own weights; drop --pretrained")
@@ -75,7 +73,6 @@ class ClipAnnotator:
                 path = Path(model.removeprefix("local-dir:"))
                 if not (path / "open_clip_config.json").is_file():
                     raise CoregError(f"--model {model}: {path} has no open_clip_config.json; point local-dir: at an exported open_clip model folder")
-                identity["files"] = fingerprint(path)
         else:
             name = model.replace("/", "-")
             if name not in open_clip.list_models():
@@ -85,11 +82,8 @@ class ClipAnnotator:
                 if DEFAULT_PRETRAINED not in tags:
                     raise CoregError(f"--model {model}: give --pretrained, one of {tags} or a local weights file")
                 pretrained = DEFAULT_PRETRAINED
-            if Path(pretrained).is_file():
-                identity["weights"] = fingerprint(pretrained)
-            elif pretrained not in tags:
+            if not Path(pretrained).is_file() and pretrained not in tags:
                 raise CoregError(f"--pretrained {pretrained!r}: neither a file nor a tag of {model} ({', '.join(tags) or 'none'})")
-            identity["pretrained"] = pretrained
         try:
             net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=None if schema else pretrained)
             tokenizer = open_clip.get_tokenizer(model)
@@ -97,7 +91,7 @@ class ClipAnnotator:
             hint = "" if schema == "local-dir" else "; offline, pass --pretrained /path/to/weights (a local file) or --model local-dir:PATH"
             raise CoregError(f"--model {model} --pretrained {pretrained or '-'}: cannot load ({type(e).__name__}: {str(e)[:200]}){hint}") from None
         return cls(net, preprocess, tokenizer, classes=classes, templates=templates, device=dev,
-                   model_name=model, pretrained=pretrained, identity=identity)
+                   model_name=model, pretrained=pretrained)
 
     def _autocast(self):
         import torch
@@ -167,7 +161,3 @@ class ClipAnnotator:
             "device": str(self.device),
             "logit_scale": LOGIT_SCALE,
         }
-
-    def identity(self) -> dict:
-        return {"annotator": self.name, **self._identity, "precision": self.spec()["precision"],
-                "device_type": self.device.type, "prompts": self.prompts, "classes": self.classes}
