@@ -4,6 +4,7 @@
 """
 
 import json
+import os
 
 import pytest
 import torch
@@ -64,6 +65,10 @@ def test_round_trip_reproduces_the_networks(tmp_path):
     weights = student_weights(cfg, seed=3)
     save_model(tmp_path / "m", weights=weights, config=cfg)
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]  # no temp files left
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (CONFIG_FILE, WEIGHTS_FILE):  # as readable as any file the user writes, not mkstemp's 0600
+        assert (tmp_path / "m" / f).stat().st_mode & 0o777 == 0o666 & ~umask
     m = load_model(tmp_path / "m")
     assert m.classes == CLASSES and m.image_size == 16 and sorted(m.nets) == ["net1", "net2"]
     assert not m.nets["net1"].training
