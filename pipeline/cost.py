@@ -109,7 +109,10 @@ def measure_vlm(info: dict, classes: list[str], images: list, *, device, batch_s
 
 
 def vlm_from_info(info: dict) -> dict:
-    """What annotation.json says about the annotating VLM."""
+    """What annotation.json says about the annotating VLM (nothing for the synthetic annotator: its speed is
+    a random generator's, and comparing a student with it would be meaningless)."""
+    if info.get("annotator") == "synthetic":
+        return {"annotator": "synthetic", "model": None, "parameters": None, "images_per_second": None, "source": None}
     return {
         "annotator": info.get("annotator"),
         "model": info.get("model"),

@@ -50,10 +50,10 @@ def headline(r: dict) -> str:
     """One sentence a user can quote: "N× smaller, M× faster, K points more accurate"."""
     cost = r["cost"]
     parts = []
-    if cost.get("smaller_x"):
-        parts.append(f"{times(cost['smaller_x'])} smaller")
-    if cost.get("faster_x"):
-        parts.append(f"{times(cost['faster_x'])} faster")
+    for key, more, less in (("smaller_x", "smaller", "larger"), ("faster_x", "faster", "slower")):
+        x = cost.get(key)
+        if x:
+            parts.append(f"{times(x)} {more}" if x >= 1 else f"{times(1 / x)} {less}")
     gain = r.get("gain_over_zero_shot")
     if gain is not None:
         word = "more" if gain >= 0 else "less"

@@ -214,7 +214,12 @@ def _notes(cfg, q: dict, vlm: dict, why_not: str | None) -> list[str]:
         )
     elif q["labeled"] < q["n"]:
         notes.append(f"Accuracies use the {q['labeled']} labeled rows of {q['n']}; the rest count only in agreement and distributions.")
-    if vlm.get("source") == "annotation.json":
+    if vlm.get("annotator") == "synthetic":
+        notes.append(
+            "The annotation is synthetic (candidate sets drawn from the true labels with controlled noise), so "
+            "the 'VLM' column is that generator's top-1 and there is no VLM cost to compare with."
+        )
+    elif vlm.get("source") == "annotation.json":
         notes.append(f"VLM speed and size taken from annotation.json, not measured here: {why_not}.")
     elif vlm.get("source") is None:
         notes.append(f"The VLM's speed is unknown: not measured here ({why_not}) and absent from annotation.json.")
@@ -223,7 +228,7 @@ def _notes(cfg, q: dict, vlm: dict, why_not: str | None) -> list[str]:
             "VLM parameters count CLIP's image encoder only: per image, zero-shot CLIP runs just that tower "
             f"(the whole model, text encoder included, has {vlm['parameters_total']:,})."
         )
-    if not vlm.get("parameters"):
+    if not vlm.get("parameters") and vlm.get("annotator") != "synthetic":
         notes.append("The VLM's parameter count is unknown, so the size ratio is not given.")
     return notes
 

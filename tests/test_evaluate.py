@@ -183,3 +183,17 @@ def test_two_processes_count_every_row_once(tmp_path, model):
     assert r["processes"] == 2 and r["n"] == 5
     assert r["student_accuracy"] == pytest.approx(4 / 5) and r["zero_shot_accuracy"] == pytest.approx(2 / 5)
     assert sum(r["prediction_counts"].values()) == 5
+
+
+def test_headline_and_synthetic_annotator_cost():
+    from pipeline.cost import ratios, vlm_from_info
+    from pipeline.report import headline
+
+    student = {"parameters": 1000, "images_per_second": 50.0}
+    vlm = vlm_from_info({"annotator": "clip", "model": "ViT-B-32", "parameters": 20000, "images_per_second": 200.0})
+    r = {"cost": {"student": student, "vlm": vlm, **ratios(student, vlm)}, "gain_over_zero_shot": 0.052}
+    assert r["cost"]["smaller_x"] == 20 and r["cost"]["faster_x"] == 0.25
+    assert headline(r) == "The student is 20× smaller, 4.0× slower, 5.2 points more accurate than the VLM (ViT-B-32) that annotated its data."
+    # a synthetic annotation has no VLM: its generator's speed must not be compared with the student's
+    synth = vlm_from_info({"annotator": "synthetic", "images_per_second": 4000.0})
+    assert synth["images_per_second"] is None and ratios(student, synth) == {"smaller_x": None, "faster_x": None}
