@@ -71,13 +71,14 @@ def contact_sheet_png(images: list, captions: list[str], colors: list[str], path
     n = len(images)
     cols = max(1, min(cols, n))
     rows = max(1, math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.35 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.7 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, img, cap, color in zip(axes.flat, images, captions, colors, strict=False):
         thumb = img.convert("RGB")
         thumb.thumbnail((128, 128))
         ax.imshow(np.asarray(thumb))
-        ax.set_title(cap, fontsize=6.5, color=color, loc="left")
-    fig.tight_layout()
+        ax.set_title(cap, fontsize=6.5, color=color, loc="left", pad=2)
+    # A wide gap between rows and a caption hugging its image, so each caption reads as the one below it.
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.45 / (2.7 * rows), wspace=0.08, hspace=0.55)
     return _save(fig, Path(path))

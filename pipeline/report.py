@@ -61,6 +61,8 @@ def headline(r: dict) -> str:
     vlm = cost["vlm"].get("model") or cost["vlm"].get("annotator")
     if not parts:
         return "The student's size, speed and accuracy could not be compared with the VLM's (see the notes)."
+    if cost["vlm"].get("annotator") == "synthetic":
+        return f"The student is {', '.join(parts)} than the top-1 of its synthetic annotation."
     return f"The student is {', '.join(parts)} than the VLM{f' ({vlm})' if vlm else ''} that annotated its data."
 
 
