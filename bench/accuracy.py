@@ -1,0 +1,268 @@
+"""Accuracy benchmark: Co-Reg against every baseline, same student, same data, same budget (CPU-sized).
+
+    python bench/accuracy.py [--data ../shared/data/cifar10] [--seeds 0,1,2] [--epochs 30] ...
+
+On a fixed, class-balanced subset of CIFAR-10 (`--train-per-class` training images, `--test-per-class` test
+images, `--pool-per-class` further training images that only the instance annotator may see), for every
+annotation setting and seed:
+  1. annotate: `clean` gives every image its true label as a singleton set (only `ce` runs there: the
+     supervised ceiling of this student and budget); `synthetic:q=Q,eta=E` runs `coreg annotate IMAGES OUT --annotator synthetic --noise ... --seed S`
+     (the paper's generator, coreg-method.md §4); `instance` runs bench/instance_annotator.py (few-shot weak
+     classifiers, one per "prompt", whose errors depend on the image) and writes the same stage contract;
+  2. train every method with `coreg train --method M` and the SAME shared options (arch, epochs, warm-up,
+     batch, LR schedule), then `coreg evaluate` on the test split.
+Every run's result is cached as JSON under --work, so an interrupted benchmark resumes where it stopped. The
+table (mean ± std test accuracy over seeds, the annotator's own numbers, wall time per run) goes to --out.
+The knobs scaled down from the paper's 800 epochs are listed in the table's header.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+METHODS = ("coreg", "ce", "kd", "proden", "cc", "cr_dpll", "pico", "alim", "dividemix")
+DEFAULT_SETTINGS = ("clean", "instance", "synthetic:q=0.03,eta=0.1", "synthetic:q=0.03,eta=0.3")
+
+
+def cli(*args: str, threads: int) -> float:
+    """Run `coreg ...` in a fresh process (as a user would); returns its wall time in seconds."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}  # fmt: skip
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"coreg {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------- data
+def image_folder(data: Path, work: Path, *, train: int, test: int, pool: int) -> tuple[Path, Path, list[str]]:
+    """Symlinked subsets: work/images/{train,test}/<class>/ for the student, work/pool/<class>/ for the
+    instance annotator. The subset is fixed (seed 1234), so every seed and method sees the same images."""
+    classes = sorted(p.name for p in (data / "train").iterdir() if p.is_dir())
+    rng = np.random.default_rng(1234)
+    images, pool_dir = work / "images", work / "pool"
+    if not (images / "done").exists():
+        for split, n in (("train", train), ("test", test)):
+            for c in classes:
+                files = sorted((data / split / c).iterdir())
+                order = rng.permutation(len(files))
+                picks = {"": order[:n]} if split == "test" else {"": order[:n], "pool": order[n : n + pool]}
+                for kind, idx in picks.items():
+                    dst = (pool_dir / c) if kind == "pool" else (images / split / c)
+                    dst.mkdir(parents=True, exist_ok=True)
+                    for i in idx:
+                        (dst / files[i].name).symlink_to(files[i].resolve())
+                if split == "train" and len(files) < train + pool:
+                    raise SystemExit(f"{data}/train/{c} has {len(files)} images; need {train + pool}")
+        (images / "done").write_text("")
+    return images, pool_dir, classes
+
+
+def load_folder(root: Path, classes: list[str]):
+    """(uint8 (N, 3, H, W) tensor, labels, relative paths) of <root>/<class>/*."""
+    import torch
+    from PIL import Image
+
+    xs, ys, paths = [], [], []
+    for c, name in enumerate(classes):
+        for f in sorted((root / name).iterdir()):
+            xs.append(np.asarray(Image.open(f).convert("RGB")))
+            ys.append(c)
+            paths.append(f"{name}/{f.name}")
+    return torch.as_tensor(np.stack(xs)).permute(0, 3, 1, 2).contiguous(), np.array(ys), paths
+
+
+# ------------------------------------------------------------------------------------------ annotate
+def annotate_instance(images: Path, pool: Path, classes: list[str], out: Path, *, seed: int, shots: int) -> None:
+    """The instance-dependent annotator → a dataset in the stage contract (DESIGN.md) + annotation.json."""
+    import datasets
+
+    from bench.instance_annotator import PROMPTS, InstanceAnnotator
+    from pipeline.schema import features
+
+    px, py, _ = load_folder(pool, classes)
+    ann = InstanceAnnotator(shots=shots, seed=seed).fit(px, py)
+    feats = features(classes)
+    feats["votes"] = datasets.Sequence(datasets.Value("int32"))
+    splits, stats = {}, {}
+    for split in ("train", "test"):
+        x, y, paths = load_folder(images / split, classes)
+        a = ann.annotate(x)
+        cand = a["candidates"]
+        splits[split] = datasets.Dataset.from_dict({
+            "image": [{"bytes": (images / split / p).read_bytes(), "path": None} for p in paths],
+            "path": paths, "label": y.tolist(), "trusted": [False] * len(y),
+            "candidates": [np.flatnonzero(r).tolist() for r in cand], "vlm_probs": a["vlm_probs"].tolist(),
+            "vlm_pred": a["vlm_pred"].tolist(), "votes": a["votes"].tolist(),
+        }, features=feats)  # fmt: skip
+        stats[split] = annotator_stats(cand, a["vlm_pred"], y)
+    datasets.DatasetDict(splits).save_to_disk(str(out))
+    info = {"annotator": "bench-instance", "prompts": list(PROMPTS), "shots_per_class": shots, "seed": seed,
+            "candidate_rule": "union", "classes": classes, "stats": stats}  # fmt: skip
+    (out / "annotation.json").write_text(json.dumps(info, indent=1))
+
+
+def annotator_stats(cand: np.ndarray, pred: np.ndarray, y: np.ndarray) -> dict:
+    return {"n": int(len(y)), "zero_shot_accuracy": float((pred == y).mean()),
+            "coverage": float(cand[np.arange(len(y)), y].mean()), "mean_candidates": float(cand.sum(1).mean())}  # fmt: skip
+
+
+def annotate(setting: str, seed: int, images: Path, pool: Path, classes: list[str], work: Path, args) -> Path:
+    out = work / "annotated" / setting.replace(":", "_").replace(",", "_").replace("=", "") / f"seed{seed}"
+    if (out / "dataset_dict.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if setting == "instance":
+        annotate_instance(images, pool, classes, out, seed=seed, shots=args.shots)
+    elif setting == "clean" or setting.startswith("synthetic:"):
+        noise = "q=0,eta=0" if setting == "clean" else setting.split(":", 1)[1]
+        cli("annotate", str(images), str(out), "--annotator", "synthetic", "--noise", noise,
+            "--seed", str(seed), "--num-workers", "1", threads=args.threads)  # fmt: skip
+    else:
+        raise SystemExit(f"unknown setting {setting!r}: use clean, synthetic:q=Q,eta=E or instance")
+    return out
+
+
+def train_options(args) -> list[str]:
+    """The options every method shares (the scaled-down schedule); method-specific knobs keep their defaults."""
+    return ["--arch", args.arch, "--epochs", str(args.epochs), "--warmup-epochs", str(args.warmup),
+            "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--lr-period", "0",
+            "--rampup-epochs", str(args.rampup), "--start-cont", str(args.start_cont),
+            "--queue-size", str(args.queue_size), "--save-every", str(args.epochs), "--cpu", "--num-workers", "1"]  # fmt: skip
+
+
+def run_one(method: str, setting: str, seed: int, ann: Path, work: Path, args) -> dict:
+    tag = f"{setting}|{seed}|{method}"
+    res_file = work / "results" / (tag.replace("|", "__").replace(":", "_").replace(",", "_").replace("=", "") + ".json")
+    if res_file.exists():
+        return json.loads(res_file.read_text())
+    model = work / "models" / res_file.stem
+    if model.exists():  # an interrupted run: start it again from scratch (its wall time must be whole)
+        import shutil
+
+        shutil.rmtree(model)
+    wall = cli("train", str(ann), str(model), "--method", method, "--seed", str(seed), *train_options(args), threads=args.threads)
+    cli("evaluate", str(model), str(ann), "--split", "test", "--no-measure-vlm", "--overrule-sheet", "0", threads=args.threads)
+    report = json.loads((model / "eval-test" / "report.json").read_text())
+    last = json.loads((model / "metrics.jsonl").read_text().splitlines()[-1])
+    train_stats = json.loads((ann / "annotation.json").read_text())["stats"]["train"]
+    res = {
+        "setting": setting, "seed": seed, "method": method, "test_acc": report["student_accuracy"],
+        "test_acc_net1": last.get("test_acc_net1"), "zero_shot_test": report["zero_shot_accuracy"],
+        "train_coverage": train_stats["coverage"], "train_mean_candidates": train_stats["mean_candidates"],
+        "train_zero_shot": train_stats["zero_shot_accuracy"], "wall_s": wall, "options": train_options(args),
+    }  # fmt: skip
+    res_file.parent.mkdir(parents=True, exist_ok=True)
+    res_file.write_text(json.dumps(res, indent=1))
+    print(f"{tag}: test acc {res['test_acc']:.4f} (zero-shot {res['zero_shot_test']:.4f}), {wall:.0f} s", flush=True)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- table
+def ms(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    if not values:
+        return "–"
+    m = statistics.mean(values) * scale
+    s = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def table(results: list[dict], args) -> str:
+    lines = [
+        "# Accuracy benchmark (bench/accuracy.py)", "",
+        f"CIFAR-10 subset: {args.train_per_class * 10} training images, {args.test_per_class * 10} test images "
+        f"(fixed subset); instance annotator pool: {args.pool_per_class * 10} other training images, "
+        f"{args.shots} shots per class per prompt. Student `{args.arch}` at 32 px, trained from scratch by every "
+        f"method with the same options: `{' '.join(train_options(args)[:-3])}`; method-specific knobs at their "
+        "defaults (see README). Test accuracy of the prediction model (Co-Reg and DivideMix: sum of both "
+        "networks' logits; `net1` = the first network alone, the deployable single-network cost), mean ± std over "
+        f"seeds; each seed redraws the annotation and the training randomness. Wall time: one `coreg train` run "
+        f"on this machine ({os.cpu_count()} CPU cores shared with other work, {args.threads} thread(s) per run, "
+        f"{args.jobs} run(s) at a time).", "",
+    ]  # fmt: skip
+    for setting in dict.fromkeys(r["setting"] for r in results):
+        rs = [r for r in results if r["setting"] == setting]
+        first = {r["seed"]: r for r in rs}.values()
+        lines += [
+            f"## {setting}", "",
+            f"Annotator: zero-shot accuracy {ms([r['zero_shot_test'] for r in first])} % on the test images "
+            f"({ms([r['train_zero_shot'] for r in first])} % on the training images); training candidate sets: "
+            f"coverage (true label in the set) {ms([r['train_coverage'] for r in first])} %, "
+            f"mean size {ms([r['train_mean_candidates'] for r in first], 1, 2)}.", "",
+            "| method | test accuracy (%) | net1 alone (%) | vs zero-shot (points) | seeds | wall time per run (s) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]  # fmt: skip
+        for method in [m for m in METHODS if any(r["method"] == m for r in rs)]:
+            mr = [r for r in rs if r["method"] == method]
+            acc = [r["test_acc"] for r in mr]
+            net1 = [r["test_acc_net1"] for r in mr] if method in ("coreg", "dividemix") else []
+            gain = [r["test_acc"] - r["zero_shot_test"] for r in mr]
+            lines.append(
+                f"| {method} | {ms(acc)} | {ms(net1)} | {ms(gain)} | {len(mr)} | {ms([r['wall_s'] for r in mr], 1, 0)} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10"), help="CIFAR-10 image folder (train/, test/)")
+    p.add_argument("--work", default="/tmp/coreg-bench-accuracy", help="annotations, models and cached results")
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "accuracy.md"))
+    p.add_argument("--settings", default=";".join(DEFAULT_SETTINGS), help="';'-separated: synthetic:q=Q,eta=E and/or instance")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--train-per-class", type=int, default=300)
+    p.add_argument("--test-per-class", type=int, default=200)
+    p.add_argument("--pool-per-class", type=int, default=300)
+    p.add_argument("--shots", type=int, default=100, help="instance annotator: labelled images per class per prompt")
+    p.add_argument("--arch", default="small_cnn")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rampup", type=int, default=5, help="--rampup-epochs (paper: 16 of 800)")
+    p.add_argument("--start-cont", type=int, default=2, help="--start-cont (paper: 10 of 800)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--queue-size", type=int, default=1024, help="paper: 8192 for 50k images")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per training run")
+    p.add_argument("--jobs", type=int, default=1, help="training runs side by side")
+    args = p.parse_args()
+
+    work = Path(args.work)
+    images, pool, classes = image_folder(Path(args.data), work, train=args.train_per_class, test=args.test_per_class, pool=args.pool_per_class)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    methods = [m for m in args.methods.split(",") if m]
+    tasks = []
+    for setting in [s for s in args.settings.split(";") if s]:
+        for seed in seeds:
+            ann = annotate(setting, seed, images, pool, classes, work, args)
+            for method in ["ce"] if setting == "clean" else methods:  # clean: the supervised ceiling
+                tasks.append((method, setting, seed, ann))
+    order = {t[:3]: i for i, t in enumerate(tasks)}
+    results: list[dict] = []
+    # --jobs > 1 runs trainings side by side (each with --threads): more throughput on an idle machine, but
+    # every run's wall time then includes the others' contention.
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool_:
+        for res in pool_.map(lambda t: run_one(*t, work, args), tasks):
+            results.append(res)
+            results.sort(key=lambda r: order[(r["method"], r["setting"], r["seed"])])
+            Path(args.out).write_text(table(results, args))  # refreshed after every run
+    Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
+    print(f"table written to {args.out}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    main()
