@@ -1,4 +1,4 @@
-"""`pico`: contrastive label disambiguation with class prototypes (Wang, Xiao, Li, Feng, Sun, Chen and Zhao,
+"""`pico`: contrastive label disambiguation with class prototypes (Wang, Xiao, Li, Feng, Niu, Chen and Zhao,
 ICLR 2022, "PiCO: Contrastive Label Disambiguation for Partial Label Learning").
 
 Per step, a weak view (query) and a strong view (key) of each row:
