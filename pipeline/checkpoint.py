@@ -33,6 +33,9 @@ def save_checkpoint(out: Path, *, epoch: int, method, config: dict) -> None:
     }
     fd, tmp = tempfile.mkstemp(dir=out, prefix=".checkpoint.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make a shared model folder unreadable to others
     try:
         torch.save(state, tmp)
         os.replace(tmp, out / CHECKPOINT)  # a kill mid-write leaves the previous checkpoint intact

@@ -20,12 +20,20 @@ ARGS = ["--arch", "small_cnn", "--batch-size", "8", "--warmup-epochs", "1", "--e
         "--queue-size", "32", "--num-workers", "0", "--cpu"]  # fmt: skip
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(nproc: int, ann, out, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     # torchrun sets RANK/WORLD_SIZE; Accelerator(cpu=True) then runs multi-CPU on gloo, as under
     # `accelerate launch` on several machines.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(29500 + nproc + os.getpid() % 1000),
+           "--master_port", str(free_port()),
            "-m", "pipeline.cli", "train", str(ann), str(out), *ARGS]  # fmt: skip
     r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
