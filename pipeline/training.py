@@ -157,6 +157,15 @@ def steps_per_epoch(n: int, *, batch_size: int, world: int, drop_last: bool = Fa
     return full + last
 
 
+def mean_over(sums: dict[str, float], steps: int, ctx: Context) -> dict[str, float]:
+    """Per-step means of this process's summed loss terms, averaged over processes (every row counted once)."""
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    v = ctx.dist.all_reduce_sum(torch.tensor([sums[k] for k in keys], device=ctx.device, dtype=torch.float64))
+    return {k: float(x) / max(steps, 1) / ctx.dist.world for k, x in zip(keys, v, strict=True)}
+
+
 def cosine_lr(epoch: float, *, lr: float, min_ratio: float, period: int) -> float:
     """Cosine from lr to lr*min_ratio over `period` epochs (the paper's code: period 800, min_ratio 1e-3)."""
     eta_min = lr * min_ratio

@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.baselines.single import Batch, epoch_lr, hard_labels, make_sgd, mean_over, view
+from pipeline.baselines.single import Batch, epoch_lr, hard_labels, make_sgd, view
 from pipeline.coreg.division import gmm_clean_prob, minmax, split
 from pipeline.coreg.losses import negative_entropy, self_training_loss
 from pipeline.coreg.mixup import mixup, sample_lambda
 from pipeline.coreg.pseudo_labels import labeled_targets, unlabeled_targets
-from pipeline.training import Context, derive_seed, iterate_batches, set_lr, steps_per_epoch
+from pipeline.training import Context, derive_seed, iterate_batches, mean_over, set_lr, steps_per_epoch
 
 NETS = ("net1", "net2")
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.training import Context, cosine_lr, iterate_batches, set_lr, steps_per_epoch
+from pipeline.training import Context, cosine_lr, iterate_batches, mean_over, set_lr, steps_per_epoch
 
 
 # ------------------------------------------------------------------------------------------- label views
@@ -79,15 +79,6 @@ def view(ctx: Context, batch: Batch, kind: str, *k) -> Tensor:
     sample, apply = (aug.sample_weak, aug.apply_weak) if kind == "w" else (aug.sample_strong, aug.apply_strong)
     params = aug.select(sample(batch.n, ctx.rng(*batch.keys, kind, *k)), batch.rows)
     return apply(ctx.images[batch.loc], params)
-
-
-def mean_over(sums: dict[str, float], steps: int, ctx: Context) -> dict[str, float]:
-    """Per-step means of this process's summed terms, averaged over processes."""
-    if not sums:
-        return {}
-    keys = sorted(sums)
-    v = ctx.dist.all_reduce_sum(torch.tensor([sums[k] for k in keys], device=ctx.device, dtype=torch.float64))
-    return {k: float(x) / max(steps, 1) / ctx.dist.world for k, x in zip(keys, v, strict=True)}
 
 
 def make_sgd(cfg, net: nn.Module) -> torch.optim.Optimizer:

@@ -32,7 +32,15 @@ from pipeline.coreg.division import (
 from pipeline.coreg.prototypes import Prototypes
 from pipeline.coreg.queue import FeatureQueue, copy_weights
 from pipeline.coreg.step import StepNets, StepParams, coreg_step, warmup_step
-from pipeline.training import Context, cosine_lr, derive_seed, iterate_batches, set_lr, steps_per_epoch
+from pipeline.training import (
+    Context,
+    cosine_lr,
+    derive_seed,
+    iterate_batches,
+    mean_over,
+    set_lr,
+    steps_per_epoch,
+)
 
 NETS = ("net1", "net2")
 
@@ -135,7 +143,7 @@ class CoReg:
             opt.step()
             for k in ("loss", "partial_ce", "neg_entropy"):
                 sums[k] = sums.get(k, 0.0) + float(out[k])
-        return _mean_over(sums, total, ctx)
+        return mean_over(sums, total, ctx)
 
     @torch.no_grad()
     def _divide(self, epoch, i, n, ctx, cand) -> dict[str, Tensor]:
@@ -197,7 +205,7 @@ class CoReg:
                     hits[2 * j] += (tgt.argmax(1)[known] == lab[known]).sum()
                     hits[2 * j + 1] += known.sum()
         self.raw[partner].train()
-        m = _mean_over(sums, n_steps, ctx)
+        m = mean_over(sums, n_steps, ctx)
         m.update({"n_p": float(p_rows.numel()), "n_u": float(ctx.n - p_rows.numel()), "mean_w": float(div["w"].mean())})
         if ctx.diag_label is not None:  # diagnostics only: never used for training or selection
             hits = dist.all_reduce_sum(hits)
@@ -239,15 +247,6 @@ def _cycle(rows: Tensor, batch: int, ctx: Context, key: tuple):
         for s in range(0, order.numel() - batch + 1, batch):
             yield order[s : s + batch]
         k += 1
-
-
-def _mean_over(sums: dict[str, float], steps: int, ctx: Context) -> dict[str, float]:
-    """Per-step means of this process's losses, averaged over processes."""
-    if not sums:
-        return {}
-    keys = sorted(sums)
-    v = ctx.dist.all_reduce_sum(torch.tensor([sums[k] for k in keys], device=ctx.device, dtype=torch.float64))
-    return {k: float(x) / max(steps, 1) / ctx.dist.world for k, x in zip(keys, v, strict=True)}
 
 
 def build(cfg, *, num_classes: int, make_net: Callable[[], nn.Module], num_rows: int) -> CoReg:
