@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+from pipeline.accel import GracefulStop, average_grads, make_dist
 from pipeline.config import TrainConfig
 from pipeline.errors import CoregError
 
@@ -46,33 +47,6 @@ def _check_out(out: Path, resume: bool) -> None:
     if (out / CHECKPOINT).exists() or (out / "config.json").exists():
         raise CoregError(f"{out}: holds a previous training run; add --resume to continue it or choose a new OUT")
     raise CoregError(f"{out}: exists and holds other files; choose an empty or new folder for the model")
-
-
-def _dist(accelerator):
-    import torch
-
-    from pipeline.training import Dist
-
-    if accelerator.num_processes == 1:
-        return Dist()
-
-    def gather(t):
-        if t.dtype == torch.bool:  # gloo cannot all-gather bools
-            return accelerator.gather(t.to(torch.uint8)).bool()
-        return accelerator.gather(t.contiguous())
-
-    def gather_grad(t):
-        from torch.distributed.nn.functional import all_gather
-
-        return torch.cat(all_gather(t.contiguous()))
-
-    return Dist(
-        rank=accelerator.process_index,
-        world=accelerator.num_processes,
-        gather=gather,
-        gather_grad=gather_grad,
-        all_reduce_sum=lambda t: accelerator.reduce(t.clone(), "sum"),
-    )
 
 
 def _columns(ds, device):
@@ -180,7 +154,7 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
     def backward(loss):
         accelerator.backward(loss)
         if accelerator.num_processes > 1:
-            _average_grads(trainables, accelerator)
+            average_grads(trainables, accelerator)
     resolved = {**dataclasses.asdict(cfg), "image_size": size, "mixed_precision": mp}
     start = 0
     if cfg.resume and (out / ckpt.CHECKPOINT).exists():
@@ -195,7 +169,7 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
 
     ctx = Context(
         images=images, candidates=cols["candidates"], trusted=cols["trusted"], trusted_label=cols["trusted_label"],
-        vlm_probs=cols["vlm_probs"], vlm_pred=cols["vlm_pred"], augment=augment, dist=_dist(accelerator),
+        vlm_probs=cols["vlm_probs"], vlm_pred=cols["vlm_pred"], augment=augment, dist=make_dist(accelerator),
         seed=cfg.seed, device=device, backward=backward, autocast=accelerator.autocast, progress=progress,
         diag_label=cols["label"] if (cols["label"] >= 0).any() else None,
     )
@@ -214,7 +188,8 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
         if cfg.tensorboard:
             accelerator.init_trackers("coreg")
     rows_per_epoch = images.shape[0]
-    stop = _GracefulStop(main)
+    stop = GracefulStop(main)
+    warned = False
     with stop:
         for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
@@ -227,6 +202,7 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
                 print(_summary(metrics, cfg.epochs), flush=True)
+                warned = warned or _collapse_warning(metrics, num_classes)
                 if cfg.tensorboard:
                     accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=epoch)
             stopping = stop.requested(ctx.dist, device)  # every process stops after the same epoch
@@ -248,53 +224,20 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
     return out
 
 
-class _GracefulStop:
-    """First Ctrl-C: finish the current epoch, save it, stop (so --resume continues exactly). Second: stop now
-    (the last saved epoch is kept)."""
-
-    def __init__(self, main: bool):
-        self.main, self.flag, self.previous = main, False, None
-
-    def _handler(self, signum, frame):
-        if self.flag:
-            raise KeyboardInterrupt
-        self.flag = True
-        if self.main:
-            print("\nCtrl-C: finishing this epoch and saving it; press Ctrl-C again to stop at once", flush=True)
-
-    def __enter__(self):
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        import signal
-
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+def _collapse_warning(metrics: dict, num_classes: int) -> bool:
+    """Warn (once per run) when a network stops predicting some class on the training images (methods that
+    log `NET/pred_classes`, e.g. coreg). Label-free; returns whether it warned."""
+    low = {k.split("/")[0]: int(v) for k, v in metrics.items() if k.endswith("/pred_classes") and v < num_classes}
+    if not low:
         return False
-
-    def requested(self, dist, device) -> bool:
-        import torch
-
-        return bool(dist.all_reduce_sum(torch.tensor([float(self.flag)], device=device)).item() > 0)
-
-
-def _average_grads(modules, accelerator) -> None:
-    """Average the gradients that exist (the same parameters on every process: the code path is the same)."""
-    import torch
-
-    grads = [p.grad for m in modules for p in m.parameters() if p.grad is not None]
-    if not grads:
-        return
-    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), "sum") / accelerator.num_processes
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    name, k = next(iter(low.items()))
+    print(
+        f"warning: epoch {metrics['epoch'] + 1}: {name} predicts only {k} of {num_classes} classes on the training "
+        "images; self-training rarely brings a lost class back. If this persists, train with a longer "
+        "--warmup-epochs or on more images (see bench/results/accuracy.md)",
+        flush=True,
+    )
+    return True
 
 
 def _save_model(out, method, model_config, save_model) -> None:

@@ -13,6 +13,7 @@ from pipeline.coreg.division import (
     gmm_clean_prob,
     masked_scores,
     minmax,
+    prediction_balance,
     split,
 )
 
@@ -121,3 +122,11 @@ def test_masked_scores():
     out = masked_scores(probs, cand)
     expected = torch.tensor([[0.0, 0.6, 0.4], [0.5, 0.3, 0.2], [0.0, 0.5, 0.5]])
     torch.testing.assert_close(out, expected)
+
+
+def test_prediction_balance():
+    assert prediction_balance(torch.tensor([5, 5, 5, 5])) == {"pred_classes": 4.0, "pred_min_share": 1.0}
+    # one class never predicted: 3 classes, smallest share 0
+    assert prediction_balance(torch.tensor([10, 6, 0, 4])) == {"pred_classes": 3.0, "pred_min_share": 0.0}
+    out = prediction_balance(torch.tensor([6.0, 3.0, 1.0]))  # smallest share 0.1, times C = 0.3
+    assert out["pred_classes"] == 3.0 and math.isclose(out["pred_min_share"], 0.3, rel_tol=1e-6)

@@ -44,10 +44,11 @@ def test_train_writes_model_directory(ann, tmp_path):
     last = lines[-1]
     for k in ("net1/l_x", "net1/l_u", "net1/proto", "net1/cont", "net1/n_p", "net1/n_u", "net1/mean_w",
               "net2/loss", "lr", "epoch_seconds", "images_per_second", "test_acc", "test_acc_net1",
-              "net1/diag_pseudo_acc_p", "net1/diag_p_valid"):
+              "net1/diag_pseudo_acc_p", "net1/diag_p_valid", "net1/pred_classes", "net1/pred_min_share"):
         assert k in last, k
     assert all(np.isfinite(v) for m in lines for v in m.values() if isinstance(v, float))
     assert last["net1/n_p"] + last["net1/n_u"] == 40
+    assert 1 <= last["net1/pred_classes"] <= 3 and "net1/pred_classes" in lines[0]  # warm-up epochs log it too
     w = weights(out)
     assert any(k.startswith("net1.") for k in w) and any(k.startswith("net2.") for k in w)
 
@@ -168,3 +169,14 @@ def test_ctrl_c_saves_the_epoch_and_resume_finishes(ann, tmp_path):
     r = train(ann, out, "--epochs", str(state["epoch"] + 3), "--resume")
     assert r.exit_code == 0, r.output
     assert len((out / "metrics.jsonl").read_text().splitlines()) == state["epoch"] + 3
+
+
+def test_collapse_warning(capsys):
+    from stages.train import _collapse_warning
+
+    assert not _collapse_warning({"epoch": 0, "net1/pred_classes": 3.0, "net2/pred_classes": 3.0}, 3)
+    assert capsys.readouterr().out == ""
+    assert _collapse_warning({"epoch": 4, "net1/pred_classes": 3.0, "net2/pred_classes": 2.0}, 3)
+    out = capsys.readouterr().out
+    assert out.startswith("warning: epoch 5: net2 predicts only 2 of 3 classes") and "--warmup-epochs" in out
+    assert out.count("\n") == 1

@@ -173,3 +173,14 @@ def masked_scores(probs: Tensor, candidates: Tensor) -> Tensor:
     uniform = cand.to(probs.dtype) / cand.sum(dim=1, keepdim=True).clamp_min(1)  # (N, C)
     out = torch.where(total > 0, masked / total.clamp_min(_TINY), uniform)  # (N, C)
     return torch.where(empty, probs, out)  # (N, C)
+
+
+def prediction_balance(counts: Tensor) -> dict[str, float]:
+    """Label-free collapse check from per-class argmax counts (C,): how many classes the network predicts
+    at all, and the smallest class share times C (1 = every class predicted equally often, 0 = some class
+    is never predicted). Self-training cannot bring back a class the network has stopped predicting, so a
+    falling `pred_min_share` is the first sign of the class collapse described in bench/results/accuracy.md.
+    """
+    counts = counts.float()
+    total = counts.sum().clamp_min(1.0)
+    return {"pred_classes": float((counts > 0).sum()), "pred_min_share": float(counts.min() / total * counts.numel())}

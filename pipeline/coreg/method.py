@@ -27,6 +27,7 @@ from pipeline.coreg.division import (
     gmm_clean_prob,
     masked_scores,
     minmax,
+    prediction_balance,
     split,
 )
 from pipeline.coreg.prototypes import Prototypes
@@ -119,6 +120,8 @@ class CoReg:
         metrics = {"phase": 1.0, "lr": lr}
         for i, (n, partner) in enumerate((("net1", "net2"), ("net2", "net1"))):
             m = self._train(epoch, i, n, partner, div[partner], div[n], ctx)
+            if "counts" in div[n]:  # n's own predictions at the division pass
+                m.update(prediction_balance(div[n]["counts"]))
             metrics.update({f"{n}/{k}": v for k, v in m.items()})
         return metrics
 
@@ -136,6 +139,7 @@ class CoReg:
         rows = torch.arange(ctx.n, device=ctx.device)
         total = steps_per_epoch(ctx.n, batch_size=2 * self.cfg.batch_size, world=ctx.dist.world)
         sums: dict[str, float] = {}
+        counts = torch.zeros(self.C, device=ctx.device)  # argmax per class over this epoch's (strong) views
         batches = iterate_batches(rows, batch_size=2 * self.cfg.batch_size, generator=ctx.rng("warm-order", epoch, i), dist=ctx.dist)
         for step, (glob, loc, _) in enumerate(ctx.progress(batches, total, f"warm-up {n}")):
             opt.zero_grad(set_to_none=True)
@@ -143,7 +147,8 @@ class CoReg:
             opt.step()
             for k in ("loss", "partial_ce", "neg_entropy"):
                 sums[k] = sums.get(k, 0.0) + float(out[k])
-        return mean_over(sums, total, ctx)
+            counts += torch.bincount(out["probs"].argmax(1), minlength=self.C).float()
+        return {**mean_over(sums, total, ctx), **prediction_balance(ctx.dist.all_reduce_sum(counts))}
 
     @torch.no_grad()
     def _divide(self, epoch, i, n, ctx, cand) -> dict[str, Tensor]:
@@ -162,13 +167,14 @@ class CoReg:
         # to `per` rows the first N gathered rows are exactly rows 0..N-1 in order.
         probs = dist.gather(torch.cat([probs, probs.new_zeros(per - probs.shape[0], self.C)]))[:N]  # (N, C)
         net.train()
+        counts = torch.bincount(probs.argmax(1), minlength=self.C).float()  # raw predictions, before DA
         if self.cfg.dist_align:
             probs = distribution_align(probs, mean_probs=probs.mean(0))
         loss = self.history[n].push(minmax(division_loss(probs, cand)))  # (N,) mean of the last epochs
         w = torch.as_tensor(gmm_clean_prob(loss.cpu().numpy(), seed=derive_seed(ctx.seed, "gmm", epoch, i) % 2**32))
         p_mask, w = split(w.to(ctx.device).float(), threshold=self.cfg.p_threshold, forced_clean=ctx.trusted)
         scores = masked_scores(probs, cand)  # (N, C): trusted rows are one-hot since their set is
-        return {"w": w, "p": p_mask, "scores": scores}
+        return {"w": w, "p": p_mask, "scores": scores, "counts": counts}
 
     def _train(self, epoch, i, n, partner, div, own, ctx) -> dict[str, float]:
         cfg, dist = self.cfg, ctx.dist
