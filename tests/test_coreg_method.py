@@ -17,6 +17,7 @@ from pipeline.coreg.method import build
 from pipeline.coreg.step import StepNets, StepParams, coreg_step
 from pipeline.networks import build_student
 from pipeline.training import Context, Dist
+from pipeline.two_networks import cycle
 
 N, C = 36, 3
 COLOURS = np.array([[220, 40, 40], [40, 200, 40], [40, 60, 220]], dtype=np.float64)
@@ -375,9 +376,9 @@ def test_p_smaller_than_batch_and_empty_u():
 
 def test_cycle_yields_empty_batches_when_u_too_small_for_the_world():
     ctx = replace(make_ctx(), dist=Dist(rank=0, world=2))
-    it = method_mod._cycle(torch.tensor([7]), 0, ctx, ("u",))
+    it = cycle(torch.tensor([7]), 0, ctx, ("u",))
     assert next(it).numel() == 0 and next(it).numel() == 0
-    it = method_mod._cycle(torch.arange(10), 4, ctx, ("u",))
+    it = cycle(torch.arange(10), 4, ctx, ("u",))
     first = [next(it) for _ in range(2)]  # one pass = 2 full batches of 4 (the short tail is dropped)
     assert all(b.numel() == 4 for b in first) and len(set(torch.cat(first).tolist())) == 8
 

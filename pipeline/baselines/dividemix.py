@@ -31,16 +31,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from pipeline.baselines.single import Batch, epoch_lr, hard_labels, make_sgd, view
+from pipeline.baselines.single import Batch, epoch_lr, hard_labels, view
 from pipeline.coreg.division import gmm_clean_prob, minmax, split
 from pipeline.coreg.losses import negative_entropy, self_training_loss
 from pipeline.coreg.mixup import mixup, sample_lambda
 from pipeline.coreg.pseudo_labels import labeled_targets, unlabeled_targets
 from pipeline.training import Context, derive_seed, iterate_batches, mean_over, set_lr, steps_per_epoch
-
-NETS = ("net1", "net2")
+from pipeline.two_networks import NETS, TwoNetworks, cycle
 
 
 def prior_penalty(probs: Tensor) -> Tensor:
@@ -51,59 +50,11 @@ def prior_penalty(probs: Tensor) -> Tensor:
     return (prior * torch.log(prior / probs.float().mean(dim=0).clamp_min(1e-12))).sum()
 
 
-def _cycle(rows: Tensor, batch: int, ctx: Context, key: tuple):
-    """Endless global batches of `rows`, reshuffled each pass (DivideMix's unlabeled loader restarts)."""
-    k = 0
-    while True:
-        if batch == 0:
-            yield rows[:0]
-            continue
-        g = ctx.rng(*key, k)
-        order = rows[torch.randperm(rows.numel(), generator=g, device=g.device).to(rows.device)]
-        for s in range(0, order.numel() - batch + 1, batch):
-            yield order[s : s + batch]
-        k += 1
-
-
-class DivideMix:
+class DivideMix(TwoNetworks):
     name = "dividemix"
 
     def __init__(self, cfg, *, num_classes: int, make_net, num_rows: int):
-        self.cfg, self.C = cfg, num_classes
-        self.raw = {n: make_net() for n in NETS}
-        self.wrapped = dict(self.raw)
-        self.opts = {n: make_sgd(cfg, self.raw[n]) for n in NETS}
-
-    # --- Method protocol -------------------------------------------------------------------------------
-    def modules(self) -> dict[str, nn.Module]:
-        return dict(self.raw)
-
-    def optimizers(self):
-        return self.opts
-
-    def prepare(self, prepare) -> None:
-        for n in NETS:
-            self.wrapped[n], self.opts[n] = prepare(self.raw[n], self.opts[n])
-
-    def extra_state(self) -> dict[str, Tensor]:
-        return {}
-
-    def load_extra_state(self, state) -> None:
-        pass
-
-    def prediction_weights(self) -> dict[str, Tensor]:
-        return {f"{n}.{k}": v.detach().cpu().contiguous() for n in NETS for k, v in self.raw[n].state_dict().items()}
-
-    @torch.no_grad()
-    def predict_logits(self, x: Tensor, which: str = "default") -> Tensor:
-        which = self.cfg.predict_with if which == "default" else which
-        out = 0
-        for n in NETS if which == "ensemble" else (which,):
-            was = self.raw[n].training
-            self.raw[n].eval()
-            out = out + self.raw[n](x).float()
-            self.raw[n].train(was)
-        return out
+        super().__init__(cfg, num_classes=num_classes, make_net=make_net)
 
     # --- epochs ----------------------------------------------------------------------------------------
     def train_epoch(self, epoch: int, ctx: Context) -> dict[str, float]:
@@ -170,7 +121,7 @@ class DivideMix:
         u_batch = (min(cfg.batch_size, u_rows.numel()) // dist.world) * dist.world
         self.raw[n].train()
         self.raw[partner].eval()  # DivideMix: the partner only co-guesses, in eval mode
-        u_iter = _cycle(u_rows, u_batch, ctx, ("u-order", epoch, i))
+        u_iter = cycle(u_rows, u_batch, ctx, ("u-order", epoch, i))
         sums: dict[str, float] = {}
         batches = iterate_batches(p_rows, batch_size=cfg.batch_size, generator=ctx.rng("p-order", epoch, i), dist=dist)
         for step, (pg, pl, ps) in enumerate(ctx.progress(batches, n_steps, f"dividemix {n}")):

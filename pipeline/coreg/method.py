@@ -42,65 +42,25 @@ from pipeline.training import (
     set_lr,
     steps_per_epoch,
 )
+from pipeline.two_networks import NETS, TwoNetworks, cycle
 
-NETS = ("net1", "net2")
 
-
-class CoReg:
+class CoReg(TwoNetworks):
     name = "coreg"
 
     def __init__(self, cfg, *, num_classes: int, make_net: Callable[[], nn.Module], num_rows: int):
-        self.cfg, self.C = cfg, num_classes
-        self.raw = {n: make_net() for n in NETS}
+        super().__init__(cfg, num_classes=num_classes, make_net=make_net)
         self.keys = {n: copy.deepcopy(self.raw[n]).requires_grad_(False) for n in NETS}
         self.queues = {n: FeatureQueue(cfg.queue_size, cfg.proj_dim, num_classes) for n in NETS}
         self.history = {n: LossHistory(num_rows, history=cfg.gmm_history) for n in NETS}
         self.protos = Prototypes(num_classes, cfg.proj_dim)
-        self.opts = {
-            n: torch.optim.SGD(self.raw[n].parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-            for n in NETS
-        }
-        self.wrapped = dict(self.raw)
 
-    # --- Method protocol -------------------------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
         mods: dict[str, nn.Module] = {"prototypes": self.protos}
         for n in NETS:
             mods[n], mods[f"{n}_key"] = self.raw[n], self.keys[n]
             mods[f"{n}_queue"], mods[f"{n}_history"] = self.queues[n], self.history[n]
         return mods
-
-    def optimizers(self):
-        return self.opts
-
-    def prepare(self, prepare) -> None:
-        for n in NETS:
-            self.wrapped[n], self.opts[n] = prepare(self.raw[n], self.opts[n])
-
-    def extra_state(self) -> dict[str, Tensor]:
-        return {}
-
-    def load_extra_state(self, state) -> None:
-        pass
-
-    def prediction_weights(self) -> dict[str, Tensor]:
-        return {f"{n}.{k}": v.detach().cpu().contiguous() for n in NETS for k, v in self.raw[n].state_dict().items()}
-
-    @torch.no_grad()
-    def predict_logits(self, x: Tensor, which: str = "default") -> Tensor:
-        which = self.cfg.predict_with if which == "default" else which
-        if which not in ("ensemble", *NETS):
-            from pipeline.errors import CoregError
-
-            raise CoregError(f"which={which!r} is unknown; choose default, ensemble, net1 or net2")
-        names = NETS if which == "ensemble" else (which,)
-        out = 0
-        for n in names:
-            was = self.raw[n].training
-            self.raw[n].eval()
-            out = out + self.raw[n](x).float()
-            self.raw[n].train(was)
-        return out
 
     # --- epochs ----------------------------------------------------------------------------------------
     def train_epoch(self, epoch: int, ctx: Context) -> dict[str, float]:
@@ -185,7 +145,7 @@ class CoReg:
         nets = StepNets(self.wrapped[n], self.raw[n], self.keys[n], self.queues[n], self.raw[partner], self.protos)
         self.raw[n].train()
         self.raw[partner].eval()
-        u_iter = _cycle(u_rows, u_batch, ctx, ("u-order", epoch, i))
+        u_iter = cycle(u_rows, u_batch, ctx, ("u-order", epoch, i))
         sums: dict[str, float] = {}
         hits = torch.zeros(4, device=ctx.device)  # pseudo-label correct / total on P, then on U (diagnostics)
         batches = iterate_batches(p_rows, batch_size=cfg.batch_size, generator=ctx.rng("p-order", epoch, i), dist=dist)
@@ -235,24 +195,6 @@ class CoReg:
             representation=epoch > cfg.warmup_epochs + cfg.start_cont,  # code-only delayed start (§3.7)
             co_pseudo_labels=cfg.co_pseudo_labels, prototypes=cfg.prototypes, contrast=cfg.contrast,
         )
-
-
-def _cycle(rows: Tensor, batch: int, ctx: Context, key: tuple):
-    """Endless global batches of `rows`, reshuffled on every pass (the U loader cycles, §3.3).
-
-    `batch == 0` (U empty, or fewer U rows than processes) yields empty batches: a non-empty one here would
-    not split evenly over the processes (`Dist.rows` asserts), so those few rows sit out the epoch.
-    """
-    if batch == 0:
-        while True:
-            yield rows[:0]
-    k = 0
-    while True:
-        g = ctx.rng(*key, k)
-        order = rows[torch.randperm(rows.numel(), generator=g, device=g.device).to(rows.device)]
-        for s in range(0, order.numel() - batch + 1, batch):
-            yield order[s : s + batch]
-        k += 1
 
 
 def build(cfg, *, num_classes: int, make_net: Callable[[], nn.Module], num_rows: int) -> CoReg:

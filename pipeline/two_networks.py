@@ -1,0 +1,81 @@
+"""What Co-Reg and DivideMix share: two networks trained in turn, each with its own SGD optimiser, predicting
+with the sum of both networks' logits (or one of them), and an endless U loader.
+
+Subclasses set `name`, call `TwoNetworks.__init__` and add their own modules and epoch logic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.training import Context
+
+NETS = ("net1", "net2")
+
+
+class TwoNetworks:
+    def __init__(self, cfg, *, num_classes: int, make_net: Callable[[], nn.Module]):
+        self.cfg, self.C = cfg, num_classes
+        self.raw = {n: make_net() for n in NETS}
+        self.wrapped = dict(self.raw)  # replaced by prepare() (e.g. a device-placed / compiled module)
+        self.opts = {
+            n: torch.optim.SGD(self.raw[n].parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+            for n in NETS
+        }
+
+    # --- Method protocol -------------------------------------------------------------------------------
+    def modules(self) -> dict[str, nn.Module]:
+        return dict(self.raw)
+
+    def optimizers(self):
+        return self.opts
+
+    def prepare(self, prepare) -> None:
+        for n in NETS:
+            self.wrapped[n], self.opts[n] = prepare(self.raw[n], self.opts[n])
+
+    def extra_state(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_extra_state(self, state) -> None:
+        pass
+
+    def prediction_weights(self) -> dict[str, Tensor]:
+        return {f"{n}.{k}": v.detach().cpu().contiguous() for n in NETS for k, v in self.raw[n].state_dict().items()}
+
+    @torch.no_grad()
+    def predict_logits(self, x: Tensor, which: str = "default") -> Tensor:
+        """Sum of both networks' logits (`ensemble`) or one network's, in eval mode (`--predict-with`)."""
+        which = self.cfg.predict_with if which == "default" else which
+        if which not in ("ensemble", *NETS):
+            from pipeline.errors import CoregError
+
+            raise CoregError(f"which={which!r} is unknown; choose default, ensemble, net1 or net2")
+        out = 0
+        for n in NETS if which == "ensemble" else (which,):
+            was = self.raw[n].training
+            self.raw[n].eval()
+            out = out + self.raw[n](x).float()
+            self.raw[n].train(was)
+        return out
+
+
+def cycle(rows: Tensor, batch: int, ctx: Context, key: tuple):
+    """Endless global batches of `rows`, reshuffled on every pass (the U loader cycles).
+
+    `batch == 0` (U empty, or fewer U rows than processes) yields empty batches: a non-empty one would not
+    split evenly over the processes (`Dist.rows` asserts), so those few rows sit out the epoch.
+    """
+    if batch == 0:
+        while True:
+            yield rows[:0]
+    k = 0
+    while True:
+        g = ctx.rng(*key, k)
+        order = rows[torch.randperm(rows.numel(), generator=g, device=g.device).to(rows.device)]
+        for s in range(0, order.numel() - batch + 1, batch):
+            yield order[s : s + batch]
+        k += 1
