@@ -152,6 +152,10 @@ def diagnostics(model: Path) -> dict:
     for k in ("n_p", "n_u", "diag_pseudo_acc_p", "diag_pseudo_acc_u", "diag_p_valid", "diag_p_clean"):
         vals = [epochs[-1][f"{n}/{k}"] for n in ("net1", "net2") if f"{n}/{k}" in epochs[-1]]
         diag[k] = sum(vals) / len(vals) if vals else None
+    report = model / "eval-test" / "report.json"
+    if report.exists():  # how many classes the final model predicts at all on the test images (collapse check)
+        counts = json.loads(report.read_text())["prediction_counts"].values()
+        diag["test_classes_predicted"] = sum(1 for c in counts if c > 0)
     return diag
 
 
@@ -160,7 +164,7 @@ def run_one(method: str, setting: str, seed: int, ann: Path, work: Path, args) -
     res_file = work / "results" / (tag.replace("|", "__").replace(":", "_").replace(",", "_").replace("=", "") + ".json")
     if res_file.exists():
         res = json.loads(res_file.read_text())
-        if "diag" not in res and (work / "models" / res_file.stem / "metrics.jsonl").exists():
+        if "test_classes_predicted" not in res.get("diag", {}) and (work / "models" / res_file.stem / "metrics.jsonl").exists():
             res["diag"] = diagnostics(work / "models" / res_file.stem)  # results cached before diagnostics existed
         return res
     model = work / "models" / res_file.stem
@@ -222,16 +226,17 @@ def table(results: list[dict], args) -> str:
             f"({ms([r['train_zero_shot'] for r in first])} % on the training images); training candidate sets: "
             f"coverage (true label in the set) {ms([r['train_coverage'] for r in first])} %, "
             f"mean size {ms([r['train_mean_candidates'] for r in first], 1, 2)}.", "",
-            "| method | test accuracy (%) | net1 alone (%) | vs zero-shot (points) | seeds | wall time per run (s) |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            "| method | test accuracy (%) | net1 alone (%) | vs zero-shot (points) | classes predicted on test | seeds | wall time per run (s) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]  # fmt: skip
         for method in [m for m in METHODS if any(r["method"] == m for r in rs)]:
             mr = [r for r in rs if r["method"] == method]
             acc = [r["test_acc"] for r in mr]
             net1 = [r["test_acc_net1"] for r in mr] if method in ("coreg", "dividemix") else []
             gain = [r["test_acc"] - r["zero_shot_test"] for r in mr]
+            ncls = [r["diag"]["test_classes_predicted"] for r in mr if r.get("diag", {}).get("test_classes_predicted") is not None]
             lines.append(
-                f"| {method} | {ms(acc)} | {ms(net1)} | {ms(gain)} | {len(mr)} | {ms([r['wall_s'] for r in mr], 1, 0)} |"
+                f"| {method} | {ms(acc)} | {ms(net1)} | {ms(gain)} | {ms(ncls, 1, 1)} | {len(mr)} | {ms([r['wall_s'] for r in mr], 1, 0)} |"
             )
         lines.append("")
         two = [m for m in ("coreg", "dividemix") if any(r["method"] == m and r.get("diag") for r in rs)]
