@@ -86,6 +86,8 @@ class TrainConfig:
     prototypes: bool = _f(True, "False: no prototype loss ('w/o proto')")
     contrast: str = _f("noisy", "noisy (unconfident selection) | supcon ('w/ SupCont')")
     predict_with: str = _f("ensemble", "ensemble (sum of both networks' logits) | net1 | net2")
+    # not in the paper (off by default): a guard against class collapse on weak students
+    prior_penalty: float = _f(0.0, "weight of DivideMix's uniform-prior penalty on the mixed batch (not in Co-Reg; 0 = off)")
     save_every: int = _f(1, "checkpoint every N epochs")
     # --- baselines (pipeline/baselines/; each module's docstring cites its paper) ---
     kd_t: float = _f(1.0, "kd: distillation temperature (1 = the annotator's own distribution)")

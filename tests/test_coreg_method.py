@@ -404,3 +404,22 @@ def test_predict_logits(main_run):
         m.raw["net1"].eval()
         assert torch.allclose(l1, m.raw["net1"](x))  # eval-mode logits
         m.raw["net1"].train()
+
+
+def test_prior_penalty_option():
+    """--prior-penalty (off by default, not in the paper) adds DivideMix's uniform-prior term to the loss."""
+    from pipeline.coreg.losses import prior_penalty
+    from pipeline.errors import CoregError
+
+    _, (_, r0) = run(make_cfg(), make_ctx(), [0, 1])
+    assert "net1/prior" not in r0
+    _, (_, r1) = run(make_cfg(prior_penalty=2.0), make_ctx(), [0, 1])
+    assert r1["net1/prior"] >= 0.0 and all_finite(r1)
+    # epoch 1 has no representation terms: loss = l_x + ramp(t) * l_u + 2 * prior, with 0 <= ramp <= 1
+    rest = r1["net1/loss"] - r1["net1/l_x"] - 2.0 * r1["net1/prior"]
+    assert r1["net1/prior"] > 0 and -1e-5 <= rest <= r1["net1/l_u"] + 1e-5
+    uniform = torch.zeros(4, 3)
+    assert float(prior_penalty(uniform.softmax(1))) == 0.0  # a balanced batch costs nothing
+    assert float(prior_penalty(torch.tensor([[10.0, 0, 0]] * 4).softmax(1))) > 1.0  # a collapsed one does
+    with pytest.raises(CoregError, match="--prior-penalty"):
+        make_method(make_cfg(prior_penalty=-1.0))

@@ -35,19 +35,11 @@ from torch import Tensor
 
 from pipeline.baselines.single import Batch, epoch_lr, hard_labels, view
 from pipeline.coreg.division import gmm_clean_prob, minmax, split
-from pipeline.coreg.losses import negative_entropy, self_training_loss
+from pipeline.coreg.losses import negative_entropy, prior_penalty, self_training_loss
 from pipeline.coreg.mixup import mixup, sample_lambda
 from pipeline.coreg.pseudo_labels import labeled_targets, unlabeled_targets
 from pipeline.training import Context, derive_seed, iterate_batches, mean_over, set_lr, steps_per_epoch
 from pipeline.two_networks import NETS, TwoNetworks, cycle
-
-
-def prior_penalty(probs: Tensor) -> Tensor:
-    """Σ_j π_j log(π_j / p̄_j), π uniform, p̄ the batch-mean prediction: keeps the mixed batch from
-    collapsing onto a few classes (DivideMix Eq. 12)."""
-    c = probs.shape[1]
-    prior = torch.full((c,), 1.0 / c, device=probs.device)
-    return (prior * torch.log(prior / probs.float().mean(dim=0).clamp_min(1e-12))).sum()
 
 
 class DivideMix(TwoNetworks):

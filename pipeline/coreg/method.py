@@ -161,7 +161,7 @@ class CoReg(TwoNetworks):
                 p_self_scores=own["scores"][p_loc], p_self_w=own["w"][p_loc], keys=("step", epoch, i, step),
             )
             self.opts[n].step()
-            for k in ("loss", "l_x", "l_u", "proto", "cont"):
+            for k in ("loss", "l_x", "l_u", "proto", "cont", "prior"):
                 if k in out:
                     sums[k] = sums.get(k, 0.0) + float(out[k])
             if ctx.diag_label is not None:
@@ -194,6 +194,7 @@ class CoReg(TwoNetworks):
             lambda_proto=cfg.lambda_proto, lambda_cont=cfg.lambda_cont,
             representation=epoch > cfg.warmup_epochs + cfg.start_cont,  # code-only delayed start (§3.7)
             co_pseudo_labels=cfg.co_pseudo_labels, prototypes=cfg.prototypes, contrast=cfg.contrast,
+            prior_penalty=cfg.prior_penalty,
         )
 
 
@@ -202,4 +203,8 @@ def build(cfg, *, num_classes: int, make_net: Callable[[], nn.Module], num_rows:
         from pipeline.errors import CoregError
 
         raise CoregError(f"--contrast {cfg.contrast!r} is unknown; choose noisy or supcon")
+    if cfg.prior_penalty < 0:
+        from pipeline.errors import CoregError
+
+        raise CoregError(f"--prior-penalty must be 0 (off) or positive, got {cfg.prior_penalty}")
     return CoReg(cfg, num_classes=num_classes, make_net=make_net, num_rows=num_rows)

@@ -16,7 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.coreg.losses import noisy_contrastive_loss, prototype_loss, self_training_loss, warmup_loss
+from pipeline.coreg.losses import (
+    noisy_contrastive_loss,
+    prior_penalty,
+    prototype_loss,
+    self_training_loss,
+    warmup_loss,
+)
 from pipeline.coreg.mixup import mixup, sample_lambda
 from pipeline.coreg.prototypes import Prototypes
 from pipeline.coreg.pseudo_labels import labeled_targets, unlabeled_targets
@@ -42,6 +48,7 @@ class StepParams:
     co_pseudo_labels: bool
     prototypes: bool
     contrast: str
+    prior_penalty: float = 0.0  # not in the paper: DivideMix's uniform-prior penalty (anti-collapse), 0 = off
 
 
 @dataclass
@@ -134,6 +141,10 @@ def coreg_step(
     terms = self_training_loss(logits, t_mix[mine], n_labeled=n_lab, lambda_u=hp.lambda_u)
     loss = terms["loss"]
     out = {"l_x": terms["l_x"].detach(), "l_u": terms["l_u"].detach()}
+    if hp.prior_penalty > 0:  # over the global mixed batch, so every process adds the same term
+        pen = prior_penalty(ctx.dist.gather_grad(logits.softmax(dim=1)))
+        loss = loss + hp.prior_penalty * pen
+        out["prior"] = pen.detach()
 
     if hp.prototypes:
         pt = prototype_loss(
