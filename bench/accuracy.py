@@ -54,6 +54,9 @@ def image_folder(data: Path, work: Path, *, train: int, test: int, pool: int) ->
     classes = sorted(p.name for p in (data / "train").iterdir() if p.is_dir())
     rng = np.random.default_rng(1234)
     images, pool_dir = work / "images", work / "pool"
+    subset = f"train={train} test={test} pool={pool} data={data.resolve()}"
+    if (images / "done").exists() and (images / "done").read_text() not in ("", subset):
+        raise SystemExit(f"{work} holds another subset ({(images / 'done').read_text()}); use another --work")
     if not (images / "done").exists():
         for split, n in (("train", train), ("test", test)):
             for c in classes:
@@ -67,7 +70,7 @@ def image_folder(data: Path, work: Path, *, train: int, test: int, pool: int) ->
                         (dst / files[i].name).symlink_to(files[i].resolve())
                 if split == "train" and len(files) < train + pool:
                     raise SystemExit(f"{data}/train/{c} has {len(files)} images; need {train + pool}")
-        (images / "done").write_text("")
+        (images / "done").write_text(subset)
     return images, pool_dir, classes
 
 
@@ -141,7 +144,8 @@ def train_options(args) -> list[str]:
     return ["--arch", args.arch, "--epochs", str(args.epochs), "--warmup-epochs", str(args.warmup),
             "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--lr-period", "0",
             "--rampup-epochs", str(args.rampup), "--start-cont", str(args.start_cont),
-            "--queue-size", str(args.queue_size), "--save-every", str(args.epochs), "--cpu", "--num-workers", "1"]  # fmt: skip
+            "--queue-size", str(args.queue_size), "--save-every", str(args.epochs),
+            *(["--cpu", "--num-workers", "1"] if args.device == "cpu" else ["--num-workers", "4"])]  # fmt: skip
 
 
 def diagnostics(model: Path) -> dict:
@@ -165,6 +169,9 @@ def run_one(method: str, setting: str, seed: int, ann: Path, work: Path, args) -
     res_file = work / "results" / (tag.replace("|", "__").replace(":", "_").replace(",", "_").replace("=", "") + ".json")
     if res_file.exists():
         res = json.loads(res_file.read_text())
+        if res["options"] != train_options(args):
+            raise SystemExit(f"{res_file} was made with other options ({' '.join(res['options'])}); "
+                             "use another --work for these options")  # fmt: skip
         if "test_classes_predicted" not in res.get("diag", {}) and (work / "models" / res_file.stem / "metrics.jsonl").exists():
             res["diag"] = diagnostics(work / "models" / res_file.stem)  # results cached before diagnostics existed
         return res
@@ -213,7 +220,8 @@ def table(results: list[dict], args) -> str:
         f"CIFAR-10 subset: {args.train_per_class * 10} training images, {args.test_per_class * 10} test images "
         f"(fixed subset); instance annotator pool: {args.pool_per_class * 10} other training images, "
         f"{args.shots} shots per class per prompt. Student `{args.arch}` at 32 px, trained from scratch by every "
-        f"method with the same options: `{' '.join(train_options(args)[:-3])}`; method-specific knobs at their "
+        f"method with the same options: `{' '.join(o for o in train_options(args) if o != '--cpu')}` on the "
+        f"{args.device.upper()}; method-specific knobs at their "
         "defaults (see README). Test accuracy of the prediction model (Co-Reg and DivideMix: sum of both "
         "networks' logits; `net1` = the first network alone, the deployable single-network cost), mean ± std over "
         f"seeds; each seed redraws the annotation and the training randomness. Training time: the wall time of "
@@ -295,6 +303,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--queue-size", type=int, default=1024, help="paper: 8192 for 50k images")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training run")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="gpu: train on the GPU (e.g. --arch preact_resnet18 --jobs 1)")
     p.add_argument("--jobs", type=int, default=2, help="training runs side by side")
     args = p.parse_args()
 
