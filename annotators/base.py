@@ -110,13 +110,14 @@ def library_versions() -> dict[str, str]:
 
 def load_annotator(annotator: str, *, classes: list[str], model: str = "", pretrained: str = "",
                    templates: str = "paper27", questions: str = "default", device: str = "auto",
-                   max_new_tokens: int = 12) -> Annotator:
+                   max_new_tokens: int = 12, text_cache=None) -> Annotator:
     """Build an annotator by name, e.g. from annotation.json to re-time it (`coreg evaluate`)."""
     if annotator == "clip":
         from annotators.clip import ClipAnnotator
         from annotators.templates import load_templates
 
-        return ClipAnnotator.from_pretrained(model, pretrained, classes=classes, templates=load_templates(templates), device=device)
+        return ClipAnnotator.from_pretrained(model, pretrained, classes=classes, templates=load_templates(templates),
+                                             device=device, text_cache=text_cache)
     if annotator == "llava":
         from annotators.llava import LlavaAnnotator
         from annotators.templates import load_questions

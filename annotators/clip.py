@@ -38,7 +38,7 @@ class ClipAnnotator:
     name = "clip"
 
     def __init__(self, model, preprocess, tokenizer, *, classes: list[str], templates: list[str], device="cpu",
-                 model_name: str = "", pretrained: str = ""):
+                 model_name: str = "", pretrained: str = "", text_cache: str | Path | None = None):
         import torch
 
         self.device = resolve_device(device) if isinstance(device, str) else device
@@ -54,11 +54,11 @@ class ClipAnnotator:
         # bf16 autocast on GPU (as open_clip's own eval); fp32 on CPU, where autocast is slower, not faster.
         on_gpu = self.device.type == "cuda"
         self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if on_gpu else None
-        self.text = self._text_classifier()  # (P, C, D) unit vectors
+        self.text = self._cached_text_classifier(text_cache)  # (P, C, D) unit vectors
 
     @classmethod
     def from_pretrained(cls, model: str = "", pretrained: str = "", *, classes: list[str], templates: list[str],
-                        device: str = "auto") -> ClipAnnotator:
+                        device: str = "auto", text_cache: str | Path | None = None) -> ClipAnnotator:
         """Load an open_clip model: a built-in name with a tag or a local weights file, `local-dir:PATH`, or
         `hf-hub:ORG/NAME` (which needs the hub or its cache; `HF_HUB_OFFLINE=1` for cache only)."""
         import open_clip
@@ -91,7 +91,7 @@ class ClipAnnotator:
             hint = "" if schema == "local-dir" else "; offline, pass --pretrained /path/to/weights (a local file) or --model local-dir:PATH"
             raise CoregError(f"--model {model} --pretrained {pretrained or '-'}: cannot load ({type(e).__name__}: {str(e)[:200]}){hint}") from None
         return cls(net, preprocess, tokenizer, classes=classes, templates=templates, device=dev,
-                   model_name=model, pretrained=pretrained)
+                   model_name=model, pretrained=pretrained, text_cache=text_cache)
 
     def _autocast(self):
         import torch
@@ -99,6 +99,28 @@ class ClipAnnotator:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _cached_text_classifier(self, path: str | Path | None):
+        """The text classifier, read from `path` when a previous (interrupted) run of the SAME request saved it
+        there, else computed and saved. The caller keys `path` by every input that changes it (coreg annotate
+        puts it in the shard store, whose folder name is the request's digest). Encoding the P x C prompts
+        takes tens of seconds on a CPU for a few hundred prompts."""
+        if path is None:
+            return self._text_classifier()
+        import os
+
+        from safetensors.torch import load_file, save_file
+
+        path = Path(path)
+        if path.is_file():
+            text = load_file(str(path))["text"]
+            if tuple(text.shape[:2]) == (len(self.prompts), len(self.classes)):
+                return text.to(self.device)
+        text = self._text_classifier()
+        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        save_file({"text": text.detach().cpu().contiguous()}, str(tmp))
+        os.replace(tmp, path)  # atomic: a concurrent process or a kill never leaves half a file
+        return text
 
     def _text_classifier(self):
         """(P, C, D): each template's class embeddings, L2-normalised per prompt (method §2.1)."""

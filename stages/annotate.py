@@ -103,7 +103,7 @@ def _process_state(device: str):
     return _OneProcess()
 
 
-def _build_annotator(cfg: AnnotateConfig, classes: list[str], state):
+def _build_annotator(cfg: AnnotateConfig, classes: list[str], state, text_cache=None):
     from annotators.base import load_annotator
 
     device = cfg.device
@@ -111,7 +111,7 @@ def _build_annotator(cfg: AnnotateConfig, classes: list[str], state):
         device = str(state.device)  # one GPU per process under accelerate
     return load_annotator(cfg.annotator, classes=classes, model=cfg.model, pretrained=cfg.pretrained,
                           templates=cfg.templates, questions=cfg.questions, device=device,
-                          max_new_tokens=cfg.max_new_tokens)
+                          max_new_tokens=cfg.max_new_tokens, text_cache=text_cache)
 
 
 def _synthetic_sets(cfg: AnnotateConfig, layout: Layout) -> dict:
@@ -220,7 +220,8 @@ def _run(cfg: AnnotateConfig) -> Path:
     for note in layout.notes if state.is_main_process else []:
         print(f"note: {note}")
     if todo:
-        annotator = None if cfg.annotator == "synthetic" else _build_annotator(cfg, layout.classes, state)
+        # CLIP's text classifier is kept in the shard store, so a resumed run does not encode the prompts again
+        annotator = None if cfg.annotator == "synthetic" else _build_annotator(cfg, layout.classes, state, store.root / "clip-text.safetensors")
         spec = annotator.spec() if annotator is not None else {"annotator": "synthetic", "model": None, "pretrained": None}
         prompts = list(annotator.prompts) if annotator is not None else []
         (store.root / f"spec-{state.process_index}.json").write_text(json.dumps({"spec": spec, "prompts": prompts}))

@@ -121,10 +121,17 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path, images, c
     partial = next((out / ".coreg-partial").iterdir())
     (partial / "train" / ".tmp-shard-00002-999").mkdir()  # a half-written shard left by kill -9
 
+    assert (partial / "clip-text.safetensors").is_file()  # the prompts' embeddings are kept for the resume
+
+    def no_encoding(self):
+        raise AssertionError("the resumed run encoded the prompts again")
+
+    monkeypatch.setattr(ClipAnnotator, "_text_classifier", no_encoding)
     monkeypatch.setattr(ShardStore, "write", write)
     calls.clear()
     r, text = annotate(images, out, "--model", clip_model, *FAST)
     assert r.exit_code == 0, text
+    assert not (out / ".coreg-partial").exists() or not any((out / ".coreg-partial").iterdir())
     assert first + sum(calls) == 24  # every readable image scored exactly once over both runs
     assert first == 9  # two finished shards of 5 files, one of them unreadable: not scored again
     assert table(out) == table(full)
@@ -260,3 +267,20 @@ def test_builtin_name_with_a_local_weights_file(tmp_path, clip_model, images):
     assert r.exit_code == 2 and "give --pretrained" in text
     r, text = annotate(images, tmp_path / "c", "--model", "coreg-tiny-test", "--pretrained", "laion9b", *FAST)
     assert r.exit_code == 2 and "neither a file nor a tag" in text
+
+
+def test_clip_text_cache_is_reused_only_when_it_fits(tmp_path, clip_model):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from annotators.clip import ClipAnnotator
+
+    cache = tmp_path / "text.safetensors"
+    kw = dict(classes=["cat", "dog", "bird"], templates=["a photo of a {}", "a {}"], device="cpu")
+    a = ClipAnnotator.from_pretrained(clip_model, **kw, text_cache=cache)
+    assert cache.is_file() and torch.equal(load_file(str(cache))["text"], a.text)
+    b = ClipAnnotator.from_pretrained(clip_model, **kw, text_cache=cache)
+    assert torch.equal(a.text, b.text)
+    save_file({"text": torch.zeros(5, 3, a.text.shape[2])}, str(cache))  # another prompt list: not reused
+    c = ClipAnnotator.from_pretrained(clip_model, **kw, text_cache=cache)
+    assert torch.equal(c.text, a.text) and load_file(str(cache))["text"].shape == a.text.shape
