@@ -230,7 +230,21 @@ def _notes(cfg, q: dict, vlm: dict, why_not: str | None) -> list[str]:
         )
     if not vlm.get("parameters") and vlm.get("annotator") != "synthetic":
         notes.append("The VLM's parameter count is unknown, so the size ratio is not given.")
+    notes += _missing_classes_note(q.get("prediction_counts", {}), q.get("vlm_prediction_counts", {}))
     return notes
+
+
+def _missing_classes_note(student: dict, vlm: dict) -> list[str]:
+    """Label-free collapse check: classes the VLM predicts on this split but the student never does."""
+    missing = [c for c, n in student.items() if n == 0 and vlm.get(c, 0) > 0]
+    if not missing:
+        return []
+    shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+    return [
+        f"The student never predicts {len(missing)} of the {len(student)} classes that the VLM predicts here "
+        f"({shown}): a class collapse during training (see the README, 'Class collapse'); compare with "
+        "another --method or train longer on more images."
+    ]
 
 
 def write_figures(out: Path, r: dict, ds, per_net: dict, model, *, limit: int) -> dict[str, str]:

@@ -197,3 +197,12 @@ def test_headline_and_synthetic_annotator_cost():
     # a synthetic annotation has no VLM: its generator's speed must not be compared with the student's
     synth = vlm_from_info({"annotator": "synthetic", "images_per_second": 4000.0})
     assert synth["images_per_second"] is None and ratios(student, synth) == {"smaller_x": None, "faster_x": None}
+
+
+def test_missing_classes_note():
+    from stages.evaluate import _missing_classes_note
+
+    assert _missing_classes_note({"a": 3, "b": 1}, {"a": 2, "b": 2}) == []
+    assert _missing_classes_note({"a": 4, "b": 0}, {"a": 4, "b": 0}) == []  # the VLM never predicts b either
+    (note,) = _missing_classes_note({"a": 4, "b": 0, "c": 0}, {"a": 2, "b": 1, "c": 1})
+    assert note.startswith("The student never predicts 2 of the 3 classes that the VLM predicts here (b, c)")
