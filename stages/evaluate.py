@@ -243,7 +243,7 @@ def _missing_classes_note(student: dict, vlm: dict) -> list[str]:
     return [
         f"The student never predicts {len(missing)} of the {len(student)} classes that the VLM predicts here "
         f"({shown}): a class collapse during training (see the README, 'Class collapse'); compare with "
-        "another --method or train longer on more images."
+        "another --method, e.g. kd or ce."
     ]
 
 
