@@ -217,8 +217,9 @@ def ratio(runs: list[dict], same_setting: list[dict]) -> list[float]:
 def table(results: list[dict], args) -> str:
     lines = [
         "# Accuracy benchmark (bench/accuracy.py)", "",
-        f"CIFAR-10 subset: {args.train_per_class * 10} training images, {args.test_per_class * 10} test images "
-        f"(fixed subset); instance annotator pool: {args.pool_per_class * 10} other training images, "
+        f"Images: a fixed class-balanced subset of {os.path.relpath(args.data, REPO)} with {len(args.classes)} classes: "
+        f"{args.train_per_class * len(args.classes)} training images, {args.test_per_class * len(args.classes)} "
+        f"test images; instance annotator pool: {args.pool_per_class * len(args.classes)} other training images, "
         f"{args.shots} shots per class per prompt. Student `{args.arch}` at 32 px, trained from scratch by every "
         f"method with the same options: `{' '.join(o for o in train_options(args) if o != '--cpu')}` on the "
         f"{args.device.upper()}; method-specific knobs at their "
@@ -309,6 +310,7 @@ def main() -> None:
 
     work = Path(args.work)
     images, pool, classes = image_folder(Path(args.data), work, train=args.train_per_class, test=args.test_per_class, pool=args.pool_per_class)
+    args.classes = classes
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = [m for m in args.methods.split(",") if m]
     tasks = []
