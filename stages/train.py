@@ -233,8 +233,8 @@ def _collapse_warning(metrics: dict, num_classes: int) -> bool:
     name, k = next(iter(low.items()))
     print(
         f"warning: epoch {metrics['epoch'] + 1}: {name} predicts only {k} of {num_classes} classes on the training "
-        "images; self-training rarely brings a lost class back. If this persists, train with a longer "
-        "--warmup-epochs or on more images (see bench/results/accuracy.md)",
+        "images; self-training rarely brings a lost class back. If it persists, compare with another --method "
+        "(kd, ce) or try --prior-penalty 1 (README: 'Class collapse')",
         flush=True,
     )
     return True

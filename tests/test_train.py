@@ -178,5 +178,5 @@ def test_collapse_warning(capsys):
     assert capsys.readouterr().out == ""
     assert _collapse_warning({"epoch": 4, "net1/pred_classes": 3.0, "net2/pred_classes": 2.0}, 3)
     out = capsys.readouterr().out
-    assert out.startswith("warning: epoch 5: net2 predicts only 2 of 3 classes") and "--warmup-epochs" in out
+    assert out.startswith("warning: epoch 5: net2 predicts only 2 of 3 classes") and "--prior-penalty" in out
     assert out.count("\n") == 1
