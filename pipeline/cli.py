@@ -53,6 +53,7 @@ def _command(name: str, params: list[inspect.Parameter], body: Callable[[dict], 
     def cmd(**kwargs):
         try:
             body(kwargs)
+            _close_process_group()
         except CoregError as e:
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
@@ -65,6 +66,17 @@ def _command(name: str, params: list[inspect.Parameter], body: Callable[[dict], 
     cmd.__doc__ = help_
     cmd.__name__ = name
     app.command(name, help=help_)(cmd)
+
+
+def _close_process_group() -> None:
+    """After a successful multi-process command (torchrun / accelerate launch): wait for every process, then
+    destroy the process group. A process that exits with the group still open can abort on the way out
+    ("terminate called without an active exception"), failing a run whose work was complete."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def _pick(cls, kwargs: dict, **overrides):
