@@ -157,6 +157,11 @@ def steps_per_epoch(n: int, *, batch_size: int, world: int, drop_last: bool = Fa
     return full + last
 
 
+def make_sgd(cfg, net: nn.Module) -> torch.optim.Optimizer:
+    """The optimiser of every method (Co-Reg's, method §4), so the comparison changes only the learner."""
+    return torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
 def mean_over(sums: dict[str, float], steps: int, ctx: Context) -> dict[str, float]:
     """Per-step means of this process's summed loss terms, averaged over processes (every row counted once)."""
     if not sums:

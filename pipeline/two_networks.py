@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from pipeline.training import Context
+from pipeline.training import Context, make_sgd
 
 NETS = ("net1", "net2")
 
@@ -21,10 +21,7 @@ class TwoNetworks:
         self.cfg, self.C = cfg, num_classes
         self.raw = {n: make_net() for n in NETS}
         self.wrapped = dict(self.raw)  # replaced by prepare() (e.g. a device-placed / compiled module)
-        self.opts = {
-            n: torch.optim.SGD(self.raw[n].parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-            for n in NETS
-        }
+        self.opts = {n: make_sgd(cfg, self.raw[n]) for n in NETS}
 
     # --- Method protocol -------------------------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:

@@ -166,7 +166,7 @@ def test_co_division_order_and_key_resync():
 
     def divide(epoch, i, n, ctx, cand):
         log.append(("divide", n))
-        return {"tag": n}
+        return {"tag": n, "counts": torch.ones(C)}
 
     def train(epoch, i, n, partner, div, own, ctx):
         log.append(("train", n, partner, div["tag"], own["tag"]))

@@ -22,7 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.training import Context, cosine_lr, iterate_batches, mean_over, set_lr, steps_per_epoch
+from pipeline.training import (
+    Context,
+    cosine_lr,
+    iterate_batches,
+    make_sgd,
+    mean_over,
+    set_lr,
+    steps_per_epoch,
+)
 
 
 # ------------------------------------------------------------------------------------------- label views
@@ -79,11 +87,6 @@ def view(ctx: Context, batch: Batch, kind: str, *k) -> Tensor:
     sample, apply = (aug.sample_weak, aug.apply_weak) if kind == "w" else (aug.sample_strong, aug.apply_strong)
     params = aug.select(sample(batch.n, ctx.rng(*batch.keys, kind, *k)), batch.rows)
     return apply(ctx.images[batch.loc], params)
-
-
-def make_sgd(cfg, net: nn.Module) -> torch.optim.Optimizer:
-    """The optimiser of every method (Co-Reg's, method §4), so the comparison changes only the learner."""
-    return torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def epoch_lr(cfg, epoch: int) -> float:

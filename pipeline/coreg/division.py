@@ -179,7 +179,7 @@ def prediction_balance(counts: Tensor) -> dict[str, float]:
     """Label-free collapse check from per-class argmax counts (C,): how many classes the network predicts
     at all, and the smallest class share times C (1 = every class predicted equally often, 0 = some class
     is never predicted). Self-training cannot bring back a class the network has stopped predicting, so a
-    falling `pred_min_share` is the first sign of the class collapse described in bench/results/accuracy.md.
+    falling `pred_min_share` is the first sign of the class collapse described in bench/results/accuracy_notes.md.
     """
     counts = counts.float()
     total = counts.sum().clamp_min(1.0)

@@ -80,8 +80,7 @@ class CoReg(TwoNetworks):
         metrics = {"phase": 1.0, "lr": lr}
         for i, (n, partner) in enumerate((("net1", "net2"), ("net2", "net1"))):
             m = self._train(epoch, i, n, partner, div[partner], div[n], ctx)
-            if "counts" in div[n]:  # n's own predictions at the division pass
-                m.update(prediction_balance(div[n]["counts"]))
+            m.update(prediction_balance(div[n]["counts"]))  # n's own predictions at the division pass
             metrics.update({f"{n}/{k}": v for k, v in m.items()})
         return metrics
 
@@ -199,12 +198,10 @@ class CoReg(TwoNetworks):
 
 
 def build(cfg, *, num_classes: int, make_net: Callable[[], nn.Module], num_rows: int) -> CoReg:
-    if cfg.contrast not in ("noisy", "supcon"):
-        from pipeline.errors import CoregError
+    from pipeline.errors import CoregError
 
+    if cfg.contrast not in ("noisy", "supcon"):
         raise CoregError(f"--contrast {cfg.contrast!r} is unknown; choose noisy or supcon")
     if cfg.prior_penalty < 0:
-        from pipeline.errors import CoregError
-
         raise CoregError(f"--prior-penalty must be 0 (off) or positive, got {cfg.prior_penalty}")
     return CoReg(cfg, num_classes=num_classes, make_net=make_net, num_rows=num_rows)
