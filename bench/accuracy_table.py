@@ -1,0 +1,96 @@
+"""The markdown table of bench/accuracy.py: mean ± std per method and setting, the annotator's own numbers,
+training time as a ratio to `ce`, and the two-network diagnostics. Rendering only: it reads the result
+dicts that accuracy.py's `run_one` writes.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def ms(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    if not values:
+        return "–"
+    m = statistics.mean(values) * scale
+    s = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def ratio(runs: list[dict], same_setting: list[dict]) -> list[float]:
+    """Each run's `coreg train` wall time divided by that of `ce` on the same setting and seed: a ratio of two
+    runs on the same shared machine, not an absolute time (see the table header for the load)."""
+    ce = {r["seed"]: r["wall_s"] for r in same_setting if r["method"] == "ce"}
+    return [r["wall_s"] / ce[r["seed"]] for r in runs if r["seed"] in ce]
+
+
+def table(results: list[dict], args, *, options: list[str], methods: tuple[str, ...]) -> str:
+    lines = [
+        "# Accuracy benchmark (bench/accuracy.py)", "",
+        f"Images: a fixed class-balanced subset of {os.path.relpath(args.data, REPO)} with {len(args.classes)} classes: "
+        f"{args.train_per_class * len(args.classes)} training images, {args.test_per_class * len(args.classes)} "
+        f"test images; instance annotator pool: {args.pool_per_class * len(args.classes)} other training images, "
+        f"{args.shots} shots per class per prompt. Student `{args.arch}` at 32 px, trained from scratch by every "
+        f"method with the same options: `{' '.join(o for o in options if o != '--cpu')}` on the "
+        f"{args.device.upper()}; method-specific knobs at their "
+        "defaults (see README). Test accuracy of the prediction model (Co-Reg and DivideMix: sum of both "
+        "networks' logits; `net1` = the first network alone, the deployable single-network cost), mean ± std over "
+        f"seeds; each seed redraws the annotation and the training randomness. Training time: the wall time of "
+        "one `coreg train` run divided by that of `ce` on the same setting and seed (this machine: "
+        f"{os.cpu_count()} CPU cores shared with other work, {args.threads} thread(s) per run, {args.jobs} run(s) "
+        "at a time, so the ratios are rough). `classes predicted on test`: how many of the classes the final "
+        "model predicts at all (a collapse check).", "",
+    ]  # fmt: skip
+    for setting in dict.fromkeys(r["setting"] for r in results):
+        rs = [r for r in results if r["setting"] == setting]
+        first = {r["seed"]: r for r in rs}.values()
+        if setting == "clean":
+            acc = [r["test_acc"] for r in rs]
+            lines += [f"## clean: `ce` on the true labels (the ceiling of this student and budget): {ms(acc)} % "
+                      f"over {len(acc)} seeds", ""]  # fmt: skip
+            continue
+        lines += [
+            f"## {setting}", "",
+            f"Annotator: zero-shot accuracy {ms([r['zero_shot_test'] for r in first])} % on the test images "
+            f"({ms([r['train_zero_shot'] for r in first])} % on the training images); training candidate sets: "
+            f"coverage (true label in the set) {ms([r['train_coverage'] for r in first])} %, "
+            f"mean size {ms([r['train_mean_candidates'] for r in first], 1, 2)}.", "",
+            "| method | test accuracy (%) | net1 alone (%) | vs zero-shot (points) | classes predicted on test | seeds | training time ÷ ce's |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]  # fmt: skip
+        for method in [m for m in methods if any(r["method"] == m for r in rs)]:
+            mr = [r for r in rs if r["method"] == method]
+            acc = [r["test_acc"] for r in mr]
+            net1 = [r["test_acc_net1"] for r in mr] if method in ("coreg", "dividemix") else []
+            gain = [r["test_acc"] - r["zero_shot_test"] for r in mr]
+            ncls = [r["diag"]["test_classes_predicted"] for r in mr if r.get("diag", {}).get("test_classes_predicted") is not None]
+            lines.append(
+                f"| {method} | {ms(acc)} | {ms(net1)} | {ms(gain)} | {ms(ncls, 1, 1)} | {len(mr)} | {ms(ratio(mr, rs), 1, 1)} |"
+            )
+        lines.append("")
+        two = [m for m in ("coreg", "dividemix") if any(r["method"] == m and r.get("diag") for r in rs)]
+        if two:
+            lines += [
+                "Two-network methods, diagnostics (true labels used for reporting only): ensemble test accuracy "
+                "when warm-up ended and at the end; at the last epoch, the share of training rows each network "
+                "put in the clean/partial split P, and the accuracy of the pseudo-labels (argmax of the "
+                "training targets) on P and U rows (Co-Reg), averaged over the two networks.", "",
+                "| method | acc. end of warm-up (%) | final acc. (%) | P share (%) | pseudo-label acc. P (%) | pseudo-label acc. U (%) |",
+                "| --- | ---: | ---: | ---: | ---: | ---: |",
+            ]  # fmt: skip
+            for method in two:
+                mr = [r for r in rs if r["method"] == method and r.get("diag")]
+
+                def d(key, mr=mr):
+                    return [r["diag"][key] for r in mr if r["diag"].get(key) is not None]
+
+                share = [r["diag"]["n_p"] / (r["diag"]["n_p"] + r["diag"]["n_u"]) for r in mr if r["diag"].get("n_p") is not None]
+                lines.append(
+                    f"| {method} | {ms(d('acc_end_warmup'))} | {ms([r['test_acc'] for r in mr])} | {ms(share)} | "
+                    f"{ms(d('diag_pseudo_acc_p'))} | {ms(d('diag_pseudo_acc_u'))} |"
+                )
+            lines.append("")
+    return "\n".join(lines)
