@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-METHODS = ("coreg", "ce", "kd", "proden", "cc", "cr_dpll", "pico", "alim", "dividemix")
+METHODS = ("coreg", "coreg_paper", "ce", "kd", "proden", "cc", "cr_dpll", "pico", "alim", "dividemix")
 DEFAULT_SETTINGS = ("clean", "instance", "synthetic:q=0.03,eta=0.1", "synthetic:q=0.03,eta=0.3")
 
 
@@ -88,15 +88,16 @@ def load_folder(root: Path, classes: list[str]):
 
 
 # ------------------------------------------------------------------------------------------ annotate
-def annotate_instance(images: Path, pool: Path, classes: list[str], out: Path, *, seed: int, shots: int) -> None:
-    """The instance-dependent annotator → a dataset in the stage contract (DESIGN.md) + annotation.json."""
+def annotate_instance(images: Path, pool: Path, classes: list[str], out: Path, *, seed: int, shots: int, reg: float = 1.0) -> None:
+    """The instance-dependent annotator → a dataset in the stage contract (DESIGN.md) + annotation.json.
+    `shots` (labelled pool images per class per prompt) and `reg` (inverse L2 strength) set its accuracy."""
     import datasets
 
     from bench.instance_annotator import PROMPTS, InstanceAnnotator
     from pipeline.schema import features
 
     px, py, _ = load_folder(pool, classes)
-    ann = InstanceAnnotator(shots=shots, seed=seed).fit(px, py)
+    ann = InstanceAnnotator(shots=shots, seed=seed, reg=reg).fit(px, py)
     feats = features(classes)
     feats["votes"] = datasets.Sequence(datasets.Value("int32"))
     splits, stats = {}, {}
@@ -112,7 +113,7 @@ def annotate_instance(images: Path, pool: Path, classes: list[str], out: Path, *
         }, features=feats)  # fmt: skip
         stats[split] = annotator_stats(cand, a["vlm_pred"], y)
     datasets.DatasetDict(splits).save_to_disk(str(out))
-    info = {"annotator": "bench-instance", "prompts": list(PROMPTS), "shots_per_class": shots, "seed": seed,
+    info = {"annotator": "bench-instance", "prompts": list(PROMPTS), "shots_per_class": shots, "reg": reg, "seed": seed,
             "candidate_rule": "union", "classes": classes, "stats": stats}  # fmt: skip
     (out / "annotation.json").write_text(json.dumps(info, indent=1))
 
@@ -127,24 +128,38 @@ def annotate(setting: str, seed: int, images: Path, pool: Path, classes: list[st
     if (out / "dataset_dict.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    if setting == "instance":
-        annotate_instance(images, pool, classes, out, seed=seed, shots=args.shots)
+    if setting == "instance" or setting.startswith("instance:"):
+        opts = dict(kv.split("=") for kv in setting.split(":", 1)[1].split(",")) if ":" in setting else {}
+        annotate_instance(images, pool, classes, out, seed=seed, shots=int(opts.get("shots", args.shots)),
+                          reg=float(opts.get("reg", 1.0)))  # fmt: skip
     elif setting == "clean" or setting.startswith("synthetic:"):
         noise = "q=0,eta=0" if setting == "clean" else setting.split(":", 1)[1]
         cli("annotate", str(images), str(out), "--annotator", "synthetic", "--noise", noise,
             "--seed", str(seed), "--num-workers", "1", threads=args.threads)  # fmt: skip
     else:
-        raise SystemExit(f"unknown setting {setting!r}: use clean, synthetic:q=Q,eta=E or instance")
+        raise SystemExit(f"unknown setting {setting!r}: use clean, synthetic:q=Q,eta=E, instance or instance:shots=K,reg=R")
     return out
 
 
-def train_options(args) -> list[str]:
-    """The options every method shares (the scaled-down schedule); method-specific knobs keep their defaults."""
-    return ["--arch", args.arch, "--epochs", str(args.epochs), "--warmup-epochs", str(args.warmup),
-            "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--lr-period", "0",
-            "--rampup-epochs", str(args.rampup), "--start-cont", str(args.start_cont),
-            "--queue-size", str(args.queue_size), "--save-every", str(args.epochs),
+def train_options(args, method: str = "ce") -> list[str]:
+    """The options of one benchmark method. `METHOD~OPTS` adds coreg train options (ablations), e.g.
+    `coreg~--division global`. Every method shares the student, epochs, batch, lr and schedule shape;
+    `coreg` runs its default preset (which derives warm-up, ramp and time constants from the run);
+    `coreg_paper` and the baselines run the paper preset with the scaled-down warm-up/ramp/queue below."""
+    name, _, extra = method.partition("~")
+    base = ["--arch", args.arch, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+            "--lr", str(args.lr), "--lr-period", "0", "--save-every", str(args.epochs),
+            *([] if args.hflip else ["--no-hflip"]),
             *(["--cpu", "--num-workers", "1"] if args.device == "cpu" else ["--num-workers", "4"])]  # fmt: skip
+    scaled = ["--preset", "paper", "--warmup-epochs", str(args.warmup), "--rampup-epochs", str(args.rampup),
+              "--start-cont", str(args.start_cont), "--queue-size", str(args.queue_size)]  # fmt: skip
+    if name == "coreg":
+        opts = ["--method", "coreg", *base]
+    elif name == "coreg_paper":
+        opts = ["--method", "coreg", *base, *scaled]
+    else:
+        opts = ["--method", name, *base, *scaled]
+    return opts + extra.split()
 
 
 def diagnostics(model: Path) -> dict:
@@ -163,12 +178,16 @@ def diagnostics(model: Path) -> dict:
     return diag
 
 
+def slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "._" else "_" for ch in text.replace("|", "__").replace("=", "")).strip("_")
+
+
 def run_one(method: str, setting: str, seed: int, ann: Path, work: Path, args) -> dict:
     tag = f"{setting}|{seed}|{method}"
-    res_file = work / "results" / (tag.replace("|", "__").replace(":", "_").replace(",", "_").replace("=", "") + ".json")
+    res_file = work / "results" / (slug(tag) + ".json")
     if res_file.exists():
         res = json.loads(res_file.read_text())
-        if res["options"] != train_options(args):
+        if res["options"] != train_options(args, method):
             raise SystemExit(f"{res_file} was made with other options ({' '.join(res['options'])}); "
                              "use another --work for these options")  # fmt: skip
         if "test_classes_predicted" not in res.get("diag", {}) and (work / "models" / res_file.stem / "metrics.jsonl").exists():
@@ -179,7 +198,7 @@ def run_one(method: str, setting: str, seed: int, ann: Path, work: Path, args) -
         import shutil
 
         shutil.rmtree(model)
-    wall = cli("train", str(ann), str(model), "--method", method, "--seed", str(seed), *train_options(args), threads=args.threads)
+    wall = cli("train", str(ann), str(model), "--seed", str(seed), *train_options(args, method), threads=args.threads)
     cli("evaluate", str(model), str(ann), "--split", "test", "--no-measure-vlm", "--overrule-sheet", "0", threads=args.threads)
     report = json.loads((model / "eval-test" / "report.json").read_text())
     last = json.loads((model / "metrics.jsonl").read_text().splitlines()[-1])
@@ -188,7 +207,7 @@ def run_one(method: str, setting: str, seed: int, ann: Path, work: Path, args) -
         "setting": setting, "seed": seed, "method": method, "test_acc": report["student_accuracy"],
         "test_acc_net1": last.get("test_acc_net1"), "zero_shot_test": report["zero_shot_accuracy"],
         "train_coverage": train_stats["coverage"], "train_mean_candidates": train_stats["mean_candidates"],
-        "train_zero_shot": train_stats["zero_shot_accuracy"], "wall_s": wall, "options": train_options(args),
+        "train_zero_shot": train_stats["zero_shot_accuracy"], "wall_s": wall, "options": train_options(args, method),
         "diag": diagnostics(model),
     }  # fmt: skip
     res_file.parent.mkdir(parents=True, exist_ok=True)
@@ -222,6 +241,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per training run")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="gpu: train on the GPU (e.g. --arch preact_resnet18 --jobs 1)")
     p.add_argument("--jobs", type=int, default=2, help="training runs side by side")
+    p.add_argument("--no-hflip", dest="hflip", action="store_false", help="no horizontal flips (digits)")
     args = p.parse_args()
 
     work = Path(args.work)
@@ -236,7 +256,7 @@ def main() -> None:
             for method in ["ce"] if setting == "clean" else methods:  # clean: the supervised ceiling
                 tasks.append((method, setting, seed, ann))
     order = {t[:3]: i for i, t in enumerate(tasks)}
-    tasks.sort(key=lambda t: t[0] not in ("coreg", "dividemix"))  # the long runs first: better packing of --jobs
+    tasks.sort(key=lambda t: not t[0].startswith(("coreg", "dividemix")))  # the long runs first: better packing of --jobs
     results: list[dict] = []
     # --jobs > 1 runs trainings side by side (each with --threads): more throughput on an idle machine, but
     # every run's wall time then includes the others' contention.
@@ -244,7 +264,7 @@ def main() -> None:
         for res in pool_.map(lambda t: run_one(*t, work, args), tasks):
             results.append(res)
             results.sort(key=lambda r: order[(r["method"], r["setting"], r["seed"])])
-            Path(args.out).write_text(table(results, args, options=train_options(args), methods=METHODS))  # refreshed after every run
+            Path(args.out).write_text(table(results, args, options=train_options(args), methods=tuple(methods)))  # refreshed after every run
     Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
     print(f"table written to {args.out}")
 

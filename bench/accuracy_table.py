@@ -33,7 +33,7 @@ def table(results: list[dict], args, *, options: list[str], methods: tuple[str, 
         f"Images: a fixed class-balanced subset of {os.path.relpath(args.data, REPO)} with {len(args.classes)} classes: "
         f"{args.train_per_class * len(args.classes)} training images, {args.test_per_class * len(args.classes)} "
         f"test images; instance annotator pool: {args.pool_per_class * len(args.classes)} other training images, "
-        f"{args.shots} shots per class per prompt. Student `{args.arch}` at 32 px, trained from scratch by every "
+        f"{args.shots} shots per class per prompt. Student `{args.arch}` at the images' own size, trained from scratch by every "
         f"method with the same options: `{' '.join(o for o in options if o != '--cpu')}` on the "
         f"{args.device.upper()}; method-specific knobs at their "
         "defaults (see README). Test accuracy of the prediction model (Co-Reg and DivideMix: sum of both "

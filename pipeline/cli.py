@@ -25,7 +25,8 @@ app = typer.Typer(
     help="Distil a vision-language model into a small classifier without manual labels (Co-Reg).",
 )
 
-_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "str | None": Optional[str]}  # noqa: UP045
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "str | None": Optional[str],  # noqa: UP045
+          "int | None": Optional[int], "float | None": Optional[float]}  # noqa: UP045
 
 
 def _params(cls, *, prefix_skip: tuple[str, ...] = (), skip: tuple[str, ...] = (), positional: bool = True):

@@ -79,7 +79,7 @@ def train_fingerprints(cfg: TrainConfig, data_fp: str) -> tuple[str, str]:
 
     opts = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in {"annotated", "out", "resume"}}
     resumable = {k: v for k, v in opts.items() if k not in RESUME_FREE}
-    if cfg.lr_period == 0:  # the cosine schedule then follows the run length: other epochs, other run
+    if cfg.lr_period in (0, None):  # the cosine follows the run length (also under the default preset): other epochs, other run
         resumable["epochs"] = cfg.epochs
     return fingerprint({"options": opts, "data": data_fp}), fingerprint({"options": resumable, "data": data_fp})
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -71,9 +72,26 @@ def _columns(ds, device):
     }
 
 
+def resolve_preset(cfg: TrainConfig, *, n_rows: int, quiet: bool = False) -> TrainConfig:
+    """Fill the options left unset from --preset (pipeline/presets.py) and say what was chosen."""
+    import torch
+
+    from pipeline.presets import describe, resolve
+
+    gpu = torch.cuda.is_available() and not cfg.cpu
+    cfg, filled = resolve(cfg, n_rows=n_rows, gpu=gpu)
+    line = describe(cfg.preset, filled)
+    if line and not quiet and int(os.environ.get("RANK", "0")) == 0:
+        print(f"{line} ({n_rows} training images, {'GPU' if gpu else 'CPU'})", flush=True)
+    return cfg
+
+
 def run(cfg: TrainConfig) -> Path:
     """Disk → disk: ANNOTATED → OUT (model directory)."""
-    _check_options(cfg)
+    from pipeline.presets import PRESETS
+
+    if cfg.preset not in PRESETS:
+        raise CoregError(f"--preset {cfg.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
     out = Path(cfg.out)
     _check_out(out, cfg.resume)
     from pipeline.methods import get_method_module
@@ -84,6 +102,8 @@ def run(cfg: TrainConfig) -> Path:
     n = len(dsd["train"])
     if n < 2:
         raise CoregError(f"{cfg.annotated}: the train split has {n} image(s); training needs at least two")
+    cfg = resolve_preset(cfg, n_rows=n)
+    _check_options(cfg)
     if cfg.batch_size > n:
         raise CoregError(f"--batch-size {cfg.batch_size} is larger than the {n} training images; use --batch-size {max(1, n // 2)} or less")
     return train(cfg, dsd, classes, method_module)

@@ -131,6 +131,25 @@ def gmm_clean_prob(
     return gmm.predict_proba(x)[:, clean]  # (N,)
 
 
+def classwise_clean_prob(losses: np.ndarray, groups: np.ndarray, *, seed: int, **gmm) -> np.ndarray:
+    """Not in the paper (`--division class`): `gmm_clean_prob` fitted separately on the rows of each group
+    (the class the network picks inside the candidate set, argmax of the masked scores).
+
+    One global GMM calls a row clean when its loss is small *compared with every row*, so the rows of a
+    class the network is unsure of all land in U and that class vanishes from the P targets (issue 9,
+    finding 1; bench/results/accuracy_notes.md §5). Fitting per class compares each row only with rows of
+    its own class, the class-balanced selection of noisy-label work. A group of one row gets w = 1
+    (`gmm_clean_prob`'s edge case).
+    """
+    x = np.asarray(losses, dtype=np.float64).reshape(-1)  # (N,)
+    g = np.asarray(groups).reshape(-1)  # (N,)
+    w = np.ones_like(x)
+    for c in np.unique(g):
+        rows = np.flatnonzero(g == c)
+        w[rows] = gmm_clean_prob(x[rows], seed=(seed + int(c)) % (2**32), **gmm)
+    return w  # (N,)
+
+
 def split(
     w: Tensor,
     *,

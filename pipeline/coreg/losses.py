@@ -49,6 +49,27 @@ def warmup_loss(logits: Tensor, candidates: Tensor) -> dict[str, Tensor]:
     return {"partial_ce": sup, "neg_entropy": neg, "loss": sup + neg}
 
 
+def ranked_warmup_loss(logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    """Not in the paper (`--warmup-loss vlm`, the default preset): soft cross-entropy −mean_i Σ_j t_ij log f_j
+    to `targets`, the annotator's probabilities restricted to the candidate set and renormalised
+    (`ranked_targets`). Partial CE is indifferent to how the mass is shared inside the set and the entropy
+    term holds the outputs flat, so the network at the switch to self-training does not rank the candidates
+    (issue 9, finding 3); this target does, with the set still bounding the mass."""
+    logp = logits.float().log_softmax(dim=1)  # (B, C)
+    ce = -(targets.float() * logp).sum(dim=1).mean()
+    return {"soft_ce": ce, "loss": ce}
+
+
+def ranked_targets(vlm_probs: Tensor, candidates: Tensor) -> Tensor:
+    """(N, C) the annotator's distribution inside each candidate set, renormalised (empty sets: unmasked)."""
+    cand = candidates.bool()  # (N, C)
+    masked = vlm_probs.float() * cand  # (N, C)
+    total = masked.sum(dim=1, keepdim=True)  # (N, 1)
+    uniform = cand.float() / cand.sum(dim=1, keepdim=True).clamp_min(1)  # a set the annotator gave 0 mass
+    out = torch.where(total > 0, masked / total.clamp_min(1e-12), uniform)
+    return torch.where(cand.any(dim=1, keepdim=True), out, vlm_probs.float())  # (N, C)
+
+
 # ---------------------------------------------------------------- self-training (§3.4)
 
 

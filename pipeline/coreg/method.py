@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from pipeline.coreg.division import (
     LossHistory,
+    classwise_clean_prob,
     distribution_align,
     division_loss,
     gmm_clean_prob,
@@ -30,6 +31,7 @@ from pipeline.coreg.division import (
     prediction_balance,
     split,
 )
+from pipeline.coreg.losses import ranked_targets
 from pipeline.coreg.prototypes import Prototypes
 from pipeline.coreg.queue import FeatureQueue, copy_weights
 from pipeline.coreg.step import StepNets, StepParams, coreg_step, warmup_step
@@ -100,12 +102,15 @@ class CoReg(TwoNetworks):
         sums: dict[str, float] = {}
         counts = torch.zeros(self.C, device=ctx.device)  # argmax per class over this epoch's (strong) views
         batches = iterate_batches(rows, batch_size=2 * self.cfg.batch_size, generator=ctx.rng("warm-order", epoch, i), dist=ctx.dist)
+        # --warmup-loss vlm (not in the paper): the annotator's ranking inside the set as a soft target
+        targets = ranked_targets(ctx.vlm_probs, cand) if self.cfg.warmup_loss == "vlm" else None  # (N, C)
         for step, (glob, loc, _) in enumerate(ctx.progress(batches, total, f"warm-up {n}")):
             opt.zero_grad(set_to_none=True)
-            out = warmup_step(ctx, net, idx=loc, n=glob.numel(), candidates=cand, keys=("warm", epoch, i, step))
+            out = warmup_step(ctx, net, idx=loc, n=glob.numel(), candidates=cand, keys=("warm", epoch, i, step), targets=targets)
             opt.step()
-            for k in ("loss", "partial_ce", "neg_entropy"):
-                sums[k] = sums.get(k, 0.0) + float(out[k])
+            for k in ("loss", "partial_ce", "neg_entropy", "soft_ce"):
+                if k in out:
+                    sums[k] = sums.get(k, 0.0) + float(out[k])
             counts += torch.bincount(out["probs"].argmax(1), minlength=self.C).float()
         return {**mean_over(sums, total, ctx), **prediction_balance(ctx.dist.all_reduce_sum(counts))}
 
@@ -130,16 +135,27 @@ class CoReg(TwoNetworks):
         if self.cfg.dist_align:
             probs = distribution_align(probs, mean_probs=probs.mean(0))
         loss = self.history[n].push(minmax(division_loss(probs, cand)))  # (N,) mean of the last epochs
-        w = torch.as_tensor(gmm_clean_prob(loss.cpu().numpy(), seed=derive_seed(ctx.seed, "gmm", epoch, i) % 2**32))
-        p_mask, w = split(w.to(ctx.device).float(), threshold=self.cfg.p_threshold, forced_clean=ctx.trusted)
         scores = masked_scores(probs, cand)  # (N, C): trusted rows are one-hot since their set is
+        seed = derive_seed(ctx.seed, "gmm", epoch, i) % 2**32
+        if self.cfg.division == "class":  # not in the paper: one GMM per class picked inside the set
+            w = torch.as_tensor(classwise_clean_prob(loss.cpu().numpy(), scores.argmax(1).cpu().numpy(), seed=seed))
+        else:
+            w = torch.as_tensor(gmm_clean_prob(loss.cpu().numpy(), seed=seed))
+        p_mask, w = split(w.to(ctx.device).float(), threshold=self.cfg.p_threshold, forced_clean=ctx.trusted)
         return {"w": w, "p": p_mask, "scores": scores, "counts": counts}
 
     def _train(self, epoch, i, n, partner, div, own, ctx) -> dict[str, float]:
         cfg, dist = self.cfg, ctx.dist
         p_rows = div["p"].nonzero().squeeze(1)
         u_rows = (~div["p"]).nonzero().squeeze(1) if cfg.use_unlabeled else div["p"].new_zeros(0, dtype=torch.long)
-        n_steps = steps_per_epoch(p_rows.numel(), batch_size=cfg.batch_size, world=dist.world)
+        if cfg.epoch_steps == "all" and p_rows.numel() >= dist.world:  # not in the paper: N/batch steps whatever |P|, so the P loader cycles too
+            n_steps = steps_per_epoch(ctx.n, batch_size=cfg.batch_size, world=dist.world, drop_last=True)
+            p_batch = max(dist.world, (min(cfg.batch_size, p_rows.numel()) // dist.world) * dist.world)
+            p_cycle = cycle(p_rows, p_batch, ctx, ("p-order", epoch, i))
+            batches = ((g, g[dist.rows(g.numel())], None) for g in (next(p_cycle) for _ in range(n_steps)))
+        else:  # the paper: one pass over P
+            n_steps = steps_per_epoch(p_rows.numel(), batch_size=cfg.batch_size, world=dist.world)
+            batches = iterate_batches(p_rows, batch_size=cfg.batch_size, generator=ctx.rng("p-order", epoch, i), dist=dist)
         u_batch = max(dist.world, (min(cfg.batch_size, u_rows.numel()) // dist.world) * dist.world) if u_rows.numel() >= dist.world else 0
         nets = StepNets(self.wrapped[n], self.raw[n], self.keys[n], self.queues[n], self.raw[partner], self.protos)
         self.raw[n].train()
@@ -147,7 +163,6 @@ class CoReg(TwoNetworks):
         u_iter = cycle(u_rows, u_batch, ctx, ("u-order", epoch, i))
         sums: dict[str, float] = {}
         hits = torch.zeros(4, device=ctx.device)  # pseudo-label correct / total on P, then on U (diagnostics)
-        batches = iterate_batches(p_rows, batch_size=cfg.batch_size, generator=ctx.rng("p-order", epoch, i), dist=dist)
         for step, (p_glob, p_loc, _) in enumerate(ctx.progress(batches, n_steps, f"co-reg {n}")):
             u_glob = next(u_iter)
             u_loc = u_glob[dist.rows(u_glob.numel())] if u_glob.numel() else u_glob
@@ -202,6 +217,9 @@ def build(cfg, *, num_classes: int, make_net: Callable[[], nn.Module], num_rows:
 
     if cfg.contrast not in ("noisy", "supcon"):
         raise CoregError(f"--contrast {cfg.contrast!r} is unknown; choose noisy or supcon")
+    for name, allowed in (("division", ("global", "class")), ("epoch_steps", ("p", "all")), ("warmup_loss", ("paper", "vlm"))):
+        if getattr(cfg, name) not in allowed:
+            raise CoregError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is unknown; choose {' or '.join(allowed)}")
     if cfg.prior_penalty < 0:
         raise CoregError(f"--prior-penalty must be 0 (off) or positive, got {cfg.prior_penalty}")
     return CoReg(cfg, num_classes=num_classes, make_net=make_net, num_rows=num_rows)

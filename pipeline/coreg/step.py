@@ -20,6 +20,7 @@ from pipeline.coreg.losses import (
     noisy_contrastive_loss,
     prior_penalty,
     prototype_loss,
+    ranked_warmup_loss,
     self_training_loss,
     warmup_loss,
 )
@@ -194,15 +195,22 @@ def coreg_step(
     return out
 
 
-def warmup_step(ctx: Context, net: nn.Module, *, idx: Tensor, n: int, candidates: Tensor, keys: tuple) -> dict[str, Tensor]:
+def warmup_step(
+    ctx: Context, net: nn.Module, *, idx: Tensor, n: int, candidates: Tensor, keys: tuple, targets: Tensor | None = None
+) -> dict[str, Tensor]:
     """§3.1: partial cross-entropy + negative entropy on a strong view of every row. Returns the terms and
     the softmax outputs. (The code also writes these into its distribution-alignment buffer; here DA uses
-    the whole division pass instead, see method.py, so they are returned for callers that want them.)"""
+    the whole division pass instead, see method.py, so they are returned for callers that want them.)
+    With `targets` (N, C) (`--warmup-loss vlm`, not in the paper) the loss is the soft CE to targets[idx]."""
     aug = ctx.augment
     params = aug.select(aug.sample_strong(n, ctx.rng(*keys, "s")), ctx.dist.rows(n))
     x = aug.apply_strong(ctx.images[idx], params)
     with ctx.autocast():
         logits = net(x).float()  # (b, C)
+    if targets is not None:  # every process holds the same number of rows: the local mean averages right
+        terms = ranked_warmup_loss(logits, targets[idx])
+        ctx.backward(terms["loss"])
+        return {**{k: v.detach() for k, v in terms.items()}, "probs": F.softmax(logits.detach(), 1)}
     cand = candidates[idx]  # (b, C)
     terms = warmup_loss(logits, cand)
     # partial_ce averages over the rows it keeps (not all-class, not empty); with several processes the kept
