@@ -190,10 +190,14 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
     rows_per_epoch = images.shape[0]
     stop = GracefulStop(main)
     warned = False
+    last_saved = start - 1  # the epoch the checkpoint on disk holds (-1: none)
     with stop:
         for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
             metrics = method.train_epoch(epoch, ctx)
+            # The metrics are process-averaged, so every process takes the same decision here, before this
+            # epoch's weights can reach model.safetensors or the checkpoint (both keep the last good epoch).
+            _check_finite(metrics, epoch, last_saved, cfg, out)
             seconds = time.perf_counter() - t0
             metrics = {"epoch": epoch, **metrics, "epoch_seconds": seconds, "images_per_second": rows_per_epoch / max(seconds, 1e-9)}
             if test is not None:
@@ -211,6 +215,7 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
                 if main:
                     _save_model(out, method, model_config, save_model)
                     ckpt.save_checkpoint(out, epoch=epoch, method=method, config=resolved)
+                last_saved = epoch
             if stopping:
                 if main:
                     print(f"stopped after epoch {epoch + 1} and saved it; continue with the same command plus --resume")
@@ -240,8 +245,32 @@ def _collapse_warning(metrics: dict, num_classes: int) -> bool:
     return True
 
 
+def _check_finite(metrics: dict, epoch: int, last_saved: int, cfg: TrainConfig, out: Path) -> None:
+    """Stop at the first epoch whose loss terms are not finite: a NaN loss only spreads (the weights follow),
+    and a NaN model would still predict, evaluate and export without complaint."""
+    import math
+
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return
+    kept = f"the checkpoint of epoch {last_saved + 1} is kept in {out}" if last_saved >= 0 else "nothing was saved"
+    cause = f"the learning rate is too high for this data (--lr {cfg.lr:g}; try --lr {cfg.lr / 10:g})"
+    if cfg.mixed_precision == "fp16":
+        cause += " or fp16 overflowed (try --mixed-precision bf16)"
+    raise CoregError(
+        f"epoch {epoch + 1}: the loss is not finite ({', '.join(f'{k}={metrics[k]}' for k in bad[:3])}); training stopped "
+        f"and {kept}. Likely cause: {cause}; start again with the changed option in a new OUT"
+    )
+
+
 def _save_model(out, method, model_config, save_model) -> None:
     weights = method.prediction_weights()
+    # The loss check catches almost every divergence; this one guarantees that no non-finite weights are ever
+    # written, whatever produced them.
+    bad = next((k for k, v in weights.items() if v.is_floating_point() and not bool(v.isfinite().all())), None)
+    if bad is not None:
+        raise CoregError(f"{out}: the weights hold non-finite values ({bad}); model.safetensors was not written and the "
+                         "last good checkpoint is kept. Lower --lr and start again in a new OUT")
     nets = sorted({k.split(".", 1)[0] for k in weights})
     predict_with = model_config["train_config"]["predict_with"] if len(nets) == 2 else "net1"
     save_model(out, weights=weights, config={**model_config, "nets": nets, "predict_with": predict_with})
