@@ -36,13 +36,13 @@ def _params(cls, *, prefix_skip: tuple[str, ...] = (), skip: tuple[str, ...] = (
             continue
         typ = _TYPES.get(str(f.type), str)
         required = f.default is dataclasses.MISSING
-        help_ = f.metadata.get("help", "")
+        help_ = " ".join(x for x in (f.metadata.get("help", ""), C.describe(f)) if x)  # the values it takes
         if required and positional:
             default = typer.Argument(..., help=help_, show_default=False)
         elif required:
             continue
         else:
-            default = typer.Option(f.default, help=help_)
+            default = typer.Option(f.default, help=help_, rich_help_panel=f.metadata.get("panel"))
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=typ))
     return params
 
@@ -166,9 +166,15 @@ def _run(kw):
     from stages import run as run_stage
 
     per_stage: dict[type, dict] = {cls: {} for cls, _, _ in _RUN_STAGES}
+    cli_names: dict[type, dict] = {cls: {} for cls, _, _ in _RUN_STAGES}
     for name, targets in _run_fields().items():
         for cls, field in targets:
             per_stage[cls][field] = kw[name]
+            cli_names[cls][field] = name
+    # Every stage's options before any work, named as `coreg run` spells them (the stages check again, with
+    # their own names, when they start).
+    for cls, values in per_stage.items():
+        C.check(C.from_dict(cls, {"images": "", "annotated": "", "model": "", "out": "", **values}), cli_names[cls])
     run_stage.run(
         annotate=C.AnnotateConfig(**per_stage[C.AnnotateConfig]),
         train_kwargs=per_stage[C.TrainConfig],

@@ -95,10 +95,10 @@ def run(cfg: PredictConfig) -> Path | None:
     """Disk → disk: MODEL + images → CSV (a file, or stdout). Returns the CSV path, None for stdout."""
     import torch
 
+    from pipeline.config import check
     from pipeline.model_io import atomic_write_text, load_model
 
-    if cfg.batch_size < 1 or cfg.top_k < 1:
-        raise CoregError("--batch-size and --top-k must be at least 1")
+    check(cfg)  # ranges declared in pipeline/config.py
     out = Path(cfg.out) if cfg.out else None
     if out is not None:
         _check_out(out)

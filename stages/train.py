@@ -17,22 +17,17 @@ import time
 from pathlib import Path
 
 from pipeline.accel import GracefulStop, average_grads, make_dist
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, check
 from pipeline.errors import CoregError
 
-MIXED = ("auto", "no", "bf16", "fp16")
 
-
-def _check_options(cfg: TrainConfig) -> None:
-    if cfg.mixed_precision not in MIXED:
-        raise CoregError(f"--mixed-precision {cfg.mixed_precision!r} is unknown; choose one of {', '.join(MIXED)}")
-    for name in ("epochs", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise CoregError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.warmup_epochs < 0 or cfg.image_size < 0:
-        raise CoregError("--warmup-epochs and --image-size must not be negative")
-    if cfg.predict_with not in ("ensemble", "net1", "net2"):
-        raise CoregError(f"--predict-with {cfg.predict_with!r} is unknown; choose ensemble, net1 or net2")
+def check_options(cfg: TrainConfig) -> None:
+    """Everything about the options that can be checked without the data: the declarations in
+    pipeline/config.py (ranges, choices, --warmup-epochs <= --epochs) and the architecture's name. `coreg run`
+    calls it before annotating, so a typo never costs an annotation."""
+    check(cfg)
+    if cfg.arch not in ("preact_resnet18", "small_cnn") and not (cfg.arch.startswith("timm:") and cfg.arch[5:]):
+        raise CoregError(f"--arch {cfg.arch!r} is unknown; choose one of: preact_resnet18, small_cnn, timm:NAME")
 
 
 def _check_out(out: Path, resume: bool) -> None:
@@ -73,7 +68,7 @@ def _columns(ds, device):
 
 def run(cfg: TrainConfig) -> Path:
     """Disk → disk: ANNOTATED → OUT (model directory)."""
-    _check_options(cfg)
+    check_options(cfg)
     out = Path(cfg.out)
     _check_out(out, cfg.resume)
     from pipeline.methods import get_method_module

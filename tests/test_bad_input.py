@@ -113,3 +113,97 @@ def test_non_finite_weights_are_never_written(tmp_path):
 
     with pytest.raises(CoregError, match="non-finite"):
         _save_model(tmp_path, M(), {"train_config": {"predict_with": "net1"}}, save_model)
+
+
+# --- options: one declaration per field, checked before any work, shown in --help ------------------------
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--p-threshold", "7"], "--p-threshold 7.0 must be 0 <= x <= 1"),
+        (["--p-threshold", "-1"], "--p-threshold -1.0 must be 0 <= x <= 1"),
+        (["--warmup-epochs", "5", "--epochs", "2"], "--warmup-epochs 5 is longer than the run (--epochs 2)"),
+        (["--num-workers", "-3"], "--num-workers -3 must be x >= 0"),
+        (["--mixup-alpha", "-1"], "--mixup-alpha -1.0 must be x > 0"),
+        (["--k-views", "0"], "--k-views 0 must be x >= 1"),
+        (["--sharpen-t", "0"], "--sharpen-t 0.0 must be x > 0"),
+        (["--save-every", "0"], "--save-every 0 must be x >= 1"),
+        (["--lr", "-1"], "--lr -1.0 must be x > 0"),
+        (["--lr", "nan"], "--lr nan must be a finite number"),
+        (["--lr", "inf"], "--lr inf must be a finite number"),
+        (["--queue-size", "0"], "--queue-size 0 must be x >= 1"),
+        (["--gmm-history", "0"], "--gmm-history 0 must be x >= 1"),
+        (["--method", "nope"], "--method 'nope' is unknown; choose one of: coreg, ce, kd"),
+        (["--contrast", "x"], "--contrast 'x' is unknown; choose one of: noisy, supcon"),
+    ],
+)
+def test_bad_train_options_are_refused_before_any_work(tmp_path, args, needle, monkeypatch):
+    import pipeline.schema
+
+    def no_data(*a, **k):
+        raise AssertionError("options must be checked before the data is read")
+
+    monkeypatch.setattr(pipeline.schema, "load_annotated", no_data)
+    r = train(tmp_path / "missing", tmp_path / "m", "--epochs", "3", *args)
+    one_line_error(r, needle)
+    assert not (tmp_path / "m").exists()
+
+
+def test_help_shows_choices_ranges_and_a_line_for_every_option():
+    import dataclasses
+
+    from pipeline.config import AnnotateConfig, EvaluateConfig, PredictConfig, TrainConfig, describe
+
+    r = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "300"})
+    assert r.exit_code == 0
+    assert "(one of: coreg, ce, kd, proden, cc, cr_dpll, pico, alim, dividemix)" in r.output
+    assert "(0 <= x <= 1)" in r.output and "(x > 0)" in r.output
+    for title in ("Data", "Model", "Schedule", "Co-Reg", "Baselines", "System"):
+        assert f"─ {title} " in r.output, title
+    for cls in (AnnotateConfig, TrainConfig, EvaluateConfig, PredictConfig):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help line"
+    f = {x.name: x for x in dataclasses.fields(TrainConfig)}
+    assert describe(f["lr"]) == "(x > 0)" and describe(f["k_views"]) == "(x >= 1)"
+
+
+def test_fields_without_a_declaration_stay_valid():
+    """Other code adds fields with plain `_f(default, help)`: they need no declaration and pass the check."""
+    from dataclasses import dataclass
+
+    from pipeline.config import _f, check, describe
+
+    @dataclass(frozen=True)
+    class Cfg:
+        a: str = _f("x", "free text")
+        b: int = _f(-5, "any integer")
+        c: float = _f(0.5, "a fraction", range=(0, 1))
+
+    check(Cfg())
+    assert describe(Cfg.__dataclass_fields__["a"]) == ""
+    from pipeline.errors import CoregError
+
+    with pytest.raises(CoregError, match="--c 2 must be 0 <= x <= 1"):
+        check(Cfg(c=2))
+
+
+def test_run_checks_every_stage_before_annotating(tmp_path, monkeypatch):
+    import stages.annotate
+    from tests.tiny import make_image_folder
+
+    def no_annotation(cfg):
+        raise AssertionError("annotation must not start")
+
+    monkeypatch.setattr(stages.annotate, "run", no_annotation)
+    img = make_image_folder(tmp_path / "img", n_per_class=2)
+    base = ["run", str(img), str(tmp_path / "out"), "--annotator", "synthetic"]
+    for args, needle in [
+        (["--k-views", "0"], "--k-views 0"),
+        (["--arch", "resnet9000"], "--arch 'resnet9000' is unknown"),
+        (["--overrule-sheet", "-1"], "--overrule-sheet -1 must be x >= 0"),
+        (["--annotate-batch-size", "0"], "--annotate-batch-size 0 must be x >= 1"),
+        (["--batch-size", "0"], "--batch-size 0 must be x >= 1"),
+        (["--warmup-epochs", "9", "--epochs", "3"], "--warmup-epochs 9 is longer"),
+    ]:
+        one_line_error(runner.invoke(app, [*base, *args]), needle)
