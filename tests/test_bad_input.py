@@ -207,3 +207,32 @@ def test_run_checks_every_stage_before_annotating(tmp_path, monkeypatch):
         (["--warmup-epochs", "9", "--epochs", "3"], "--warmup-epochs 9 is longer"),
     ]:
         one_line_error(runner.invoke(app, [*base, *args]), needle)
+
+
+# --- resume: refuse only the changes that would change the epochs already run ----------------------------
+
+
+def test_resume_may_change_what_the_epochs_so_far_did_not_use(ann, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    # Co-Reg in its warm-up: options read only after the warm-up may change, and the resumed run equals an
+    # uninterrupted run with the new values.
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train(ann, a, "--epochs", "2", "--warmup-epochs", "2").exit_code == 0
+    new = ["--mixup-alpha", "2", "--p-threshold", "0.6", "--k-views", "1", "--warmup-epochs", "3"]
+    r = train(ann, a, "--epochs", "4", "--resume", *new)
+    assert r.exit_code == 0, r.output
+    assert train(ann, b, "--epochs", "4", *new).exit_code == 0
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wb)
+    # after the warm-up they shaped the result: refused, naming them
+    r = train(ann, a, "--epochs", "5", "--resume", *new[4:], "--mixup-alpha", "3", "--p-threshold", "0.7")
+    line = one_line_error(r, "--mixup-alpha 2.0 -> 3.0", "--p-threshold 0.6 -> 0.7")
+    assert "--k-views" not in line
+    # an option only another method reads may change; one of this method may not
+    c = tmp_path / "c"
+    assert train(ann, c, "--method", "kd", "--epochs", "1").exit_code == 0
+    assert train(ann, c, "--method", "kd", "--epochs", "2", "--resume", "--pico-loss-weight", "0.9").exit_code == 0
+    one_line_error(train(ann, c, "--method", "kd", "--epochs", "3", "--resume", "--kd-t", "2"), "--kd-t 1.0 -> 2.0")
+    one_line_error(train(ann, c, "--method", "kd", "--epochs", "3", "--resume", "--lr", "0.5"), "--lr 0.01 -> 0.5")
