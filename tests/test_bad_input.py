@@ -236,3 +236,26 @@ def test_resume_may_change_what_the_epochs_so_far_did_not_use(ann, tmp_path):
     assert train(ann, c, "--method", "kd", "--epochs", "2", "--resume", "--pico-loss-weight", "0.9").exit_code == 0
     one_line_error(train(ann, c, "--method", "kd", "--epochs", "3", "--resume", "--kd-t", "2"), "--kd-t 1.0 -> 2.0")
     one_line_error(train(ann, c, "--method", "kd", "--epochs", "3", "--resume", "--lr", "0.5"), "--lr 0.01 -> 0.5")
+
+
+# --- symbolic links in the image folder: each real file once ---------------------------------------------
+
+
+def test_symlink_loop_and_alias_visit_each_real_file_once(tmp_path, capsys):
+    import os
+
+    from pipeline.images import discover
+    from tests.tiny import make_image_folder
+
+    img = make_image_folder(tmp_path / "img", classes=("cat", "dog"), n_per_class=3)
+    os.symlink("..", img / "cat" / "up")  # a loop: img/cat/up/cat/up/...
+    os.symlink("../dog", img / "cat" / "dogs")  # an alias of another class folder
+    os.symlink("0000.png", img / "dog" / "again.png")  # a second name for one image
+    outside = make_image_folder(tmp_path / "extra", classes=("more",), n_per_class=2)
+    os.symlink(outside / "more", img / "cat" / "more")  # a link out of the tree is followed
+    layout = discover(img)
+    err = capsys.readouterr().err
+    rows = [(p.relative_to(img).as_posix(), label) for split in layout.splits.values() for p, label in split]
+    assert len(rows) == 3 + 3 + 2, rows
+    assert sorted(p for p, label in rows if layout.classes[label] == "dog") == ["dog/0000.png", "dog/0001.png", "dog/0002.png"]
+    assert "skipped 3 symbolic link(s)" in err and err.count("\n") == 1
