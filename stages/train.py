@@ -115,6 +115,8 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
     def make_net():
         return build_student(cfg.arch, num_classes=num_classes, image_size=size, proj_dim=cfg.proj_dim, pretrained=cfg.timm_pretrained)
 
+    n_test = len(dsd["test"]) if "test" in dsd else 0
+    _check_memory(size, len(train_ds), n_test, cfg.batch_size, cfg.image_size, gpu=device.type == "cuda")
     make_net()  # an architecture that cannot take this image size fails now, before decoding
     images = decode_images(train_ds, size=size, num_workers=cfg.num_workers, desc="decoding train" if main else None)
     mean, std = channel_stats(images)
@@ -222,6 +224,42 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
     if cfg.tensorboard:
         accelerator.end_training()
     return out
+
+
+# Working memory of one step besides the decoded images, in float32 batch copies: the weak and strong views
+# of a 2x warm-up batch and their augmentation temporaries (a rough floor, not a bound: activations come on top).
+_BATCH_COPIES = 4
+
+
+def _available_memory(gpu: bool) -> int:
+    """Bytes free now: host RAM, or on a GPU run the smaller of RAM and the device's free memory."""
+    import psutil
+
+    free = psutil.virtual_memory().available
+    if gpu:
+        import torch
+
+        free = min(free, torch.cuda.mem_get_info()[0])
+    return int(free)
+
+
+def _check_memory(size: int, n_train: int, n_test: int, batch_size: int, asked: int, *, gpu: bool) -> None:
+    """Refuse an image size whose decoded uint8 tensors alone do not fit, before minutes of decoding end in
+    the kernel's OOM killer (which prints nothing)."""
+
+    def need(s: int) -> int:
+        return (n_train + n_test) * 3 * s * s + _BATCH_COPIES * 2 * batch_size * 3 * s * s * 4
+
+    free = _available_memory(gpu)
+    if need(size) <= free:
+        return
+    fits = next((s for s in range(min(size, 224), 7, -1) if need(s) <= 0.8 * free), None)
+    hint = f"use --image-size {fits} or less" if fits else "free some memory or use fewer images"
+    which = f"--image-size {asked}" if asked else f"the training images' size ({size} px)"
+    raise CoregError(
+        f"{which}: {n_train + n_test} decoded images at {size} px plus one batch need about {need(size) / 2**30:.1f} GiB, "
+        f"but {free / 2**30:.1f} GiB of {'GPU ' if gpu else ''}memory is free; {hint} (or a smaller --batch-size)"
+    )
 
 
 def _collapse_warning(metrics: dict, num_classes: int) -> bool:

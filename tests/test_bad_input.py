@@ -259,3 +259,23 @@ def test_symlink_loop_and_alias_visit_each_real_file_once(tmp_path, capsys):
     assert len(rows) == 3 + 3 + 2, rows
     assert sorted(p for p, label in rows if layout.classes[label] == "dog") == ["dog/0000.png", "dog/0001.png", "dog/0002.png"]
     assert "skipped 3 symbolic link(s)" in err and err.count("\n") == 1
+
+
+# --- memory: refuse an image size that cannot fit, before decoding ----------------------------------------
+
+
+def test_image_size_too_large_for_memory_is_refused_before_decoding(ann, tmp_path, monkeypatch):
+    import pipeline.data
+    import stages.train
+
+    monkeypatch.setattr(stages.train, "_available_memory", lambda gpu: 2**30)  # 1 GiB free
+
+    def no_decoding(*a, **k):
+        raise AssertionError("must refuse before decoding")
+
+    monkeypatch.setattr(pipeline.data, "decode_images", no_decoding)
+    line = one_line_error(train(ann, tmp_path / "m", "--epochs", "1", "--image-size", "5000"), "--image-size 5000")
+    assert "GiB" in line and "1.0 GiB of memory is free" in line
+    fits = int(line.split("use --image-size ")[1].split()[0])
+    assert 8 <= fits <= 224
+    assert stages.train._check_memory(fits, 24, 0, 8, fits, gpu=False) is None  # the suggestion does fit
