@@ -279,3 +279,21 @@ def test_image_size_too_large_for_memory_is_refused_before_decoding(ann, tmp_pat
     fits = int(line.split("use --image-size ")[1].split()[0])
     assert 8 <= fits <= 224
     assert stages.train._check_memory(fits, 24, 0, 8, fits, gpu=False) is None  # the suggestion does fit
+
+
+# --- export without the optional onnx packages ------------------------------------------------------------
+
+
+def test_export_without_onnx_names_the_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    from pipeline.model_io import save_model
+    from tests.test_model_io import model_config, student_weights
+
+    cfg = model_config()
+    save_model(tmp_path / "model", weights=student_weights(cfg, seed=1), config=cfg)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("onnx") else real(name, *a))
+    r = runner.invoke(app, ["export", str(tmp_path / "model"), "--format", "onnx"])
+    one_line_error(r, 'pip install -e ".[export]"', "onnx and onnxruntime")
+    assert not (tmp_path / "model" / "model.onnx").exists()
