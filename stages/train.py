@@ -333,12 +333,34 @@ def _test_accuracy(method, augment, images, labels, ctx) -> dict[str, float]:
     return {"test_acc": float(counts[0] / counts[2]), "test_acc_net1": float(counts[1] / counts[2])}
 
 
+# Loss terms the methods log beside their total `loss` (pipeline/coreg/step.py, pipeline/baselines/).
+LOSS_TERMS = ("partial_ce", "neg_entropy", "ce", "l_x", "l_u", "proto", "cont", "penalty")
+
+
+def _loss_text(m: dict, net: str = "net1") -> str:
+    """net1's loss with its terms. The warm-up loss is partial CE plus a *negative* entropy, so the total is
+    often below zero: printing the bare total reads like a bug, printing the sum does not."""
+    loss = m[f"{net}/loss"]
+    terms = {t: m[f"{net}/{t}"] for t in LOSS_TERMS if f"{net}/{t}" in m}
+    if not terms:
+        return f"{net}/loss={loss:.4f}"
+    if abs(sum(terms.values()) - loss) <= 1e-4 * max(1.0, abs(loss)):  # an unweighted sum: show it as one
+        return f"{net}/loss={loss:.4f} = " + " + ".join(f"{t} {v:.4f}" for t, v in terms.items())
+    if len(terms) == 1:  # e.g. dividemix's warm-up logs its CE, not the negative-entropy penalty added to it
+        (t, v), = terms.items()
+        return f"{net}/loss={loss:.4f} = {t} {v:.4f} + other terms {loss - v:.4f}"
+    return f"{net}/loss={loss:.4f} (" + ", ".join(f"{t} {v:.4f}" for t, v in terms.items()) + ")"
+
+
 def _summary(m: dict, epochs: int) -> str:
     parts = [f"epoch {m['epoch'] + 1}/{epochs}"]
     for k in ("net1/loss", "net1/n_p", "net1/n_u", "test_acc", "test_acc_net1", "images_per_second"):
         if k in m:
             v = m[k]
-            parts.append(f"{k}={v:.0f}" if k.startswith("net1/n_") or k == "images_per_second" else f"{k}={v:.4f}")
+            if k == "net1/loss":
+                parts.append(_loss_text(m))
+            else:
+                parts.append(f"{k}={v:.0f}" if k.startswith("net1/n_") or k == "images_per_second" else f"{k}={v:.4f}")
     parts.append(f"{m['epoch_seconds']:.1f}s")
     return "  ".join(parts)
 

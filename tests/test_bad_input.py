@@ -297,3 +297,18 @@ def test_export_without_onnx_names_the_extra(tmp_path, monkeypatch):
     r = runner.invoke(app, ["export", str(tmp_path / "model"), "--format", "onnx"])
     one_line_error(r, 'pip install -e ".[export]"', "onnx and onnxruntime")
     assert not (tmp_path / "model" / "model.onnx").exists()
+
+
+# --- the printed loss shows its terms (the warm-up total is often negative) -----------------------------
+
+
+def test_epoch_line_shows_the_loss_terms():
+    from stages.train import _summary
+
+    warm = {"epoch": 0, "net1/loss": -0.127, "net1/partial_ce": 0.949, "net1/neg_entropy": -1.076, "epoch_seconds": 0.1}
+    assert "net1/loss=-0.1270 = partial_ce 0.9490 + neg_entropy -1.0760" in _summary(warm, 3)
+    main = {"epoch": 1, "net1/loss": 1.14, "net1/l_x": 1.1, "net1/l_u": 0.01, "net1/proto": 0.8, "epoch_seconds": 1.0}
+    assert "net1/loss=1.1400 (l_x 1.1000, l_u 0.0100, proto 0.8000)" in _summary(main, 3)
+    one = {"epoch": 0, "net1/loss": 0.07, "net1/ce": 1.15, "epoch_seconds": 0.1}
+    assert "net1/loss=0.0700 = ce 1.1500 + other terms -1.0800" in _summary(one, 3)
+    assert "net1/loss=0.5000  " in _summary({"epoch": 0, "net1/loss": 0.5, "epoch_seconds": 0.1}, 3)
