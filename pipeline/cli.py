@@ -47,6 +47,15 @@ def _params(cls, *, prefix_skip: tuple[str, ...] = (), skip: tuple[str, ...] = (
     return params
 
 
+# What works after Ctrl-C, per command: one instruction, printed once (the stages print no hint of their own).
+_RESTART = "nothing is kept; run the command again to start it over"
+_RESUME_HINT = {
+    "train": "the last saved epoch is kept; to continue, run the same command with --resume",
+    "annotate": "finished shards are saved; run the same command again to continue",
+    "run": "finished work is saved; run the same command again to continue",
+}
+
+
 def _command(name: str, params: list[inspect.Parameter], body: Callable[[dict], Any], help_: str):
     """Register a typer command whose signature is `params` and which calls body(kwargs)."""
 
@@ -58,7 +67,7 @@ def _command(name: str, params: list[inspect.Parameter], body: Callable[[dict], 
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            typer.secho("interrupted: finished work is saved; run the same command again to continue", err=True)
+            typer.secho(f"interrupted: {_RESUME_HINT.get(name, _RESTART)}", err=True)
             raise typer.Exit(130) from None
 
     cmd.__signature__ = inspect.Signature(params)
@@ -124,7 +133,8 @@ _command(
 
 _RUN_STAGES = (
     # (config, prefix for options whose name another stage also uses with another default, skipped fields)
-    (C.TrainConfig, "", ("annotated", "out")),
+    # no --resume: `coreg run` resumes every stage by itself (stages/run.py), an option would be ignored
+    (C.TrainConfig, "", ("annotated", "out", "resume")),
     (C.AnnotateConfig, "annotate_", ()),
     (C.EvaluateConfig, "eval_", ("model", "annotated", "out")),
 )

@@ -215,7 +215,7 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
                 last_saved = epoch
             if stopping:
                 if main:
-                    print(f"stopped after epoch {epoch + 1} and saved it; continue with the same command plus --resume")
+                    print(f"stopped after epoch {epoch + 1} and saved it")  # the CLI says how to continue
                 raise KeyboardInterrupt
     accelerator.wait_for_everyone()
     if main:

@@ -312,3 +312,28 @@ def test_epoch_line_shows_the_loss_terms():
     one = {"epoch": 0, "net1/loss": 0.07, "net1/ce": 1.15, "epoch_seconds": 0.1}
     assert "net1/loss=0.0700 = ce 1.1500 + other terms -1.0800" in _summary(one, 3)
     assert "net1/loss=0.5000  " in _summary({"epoch": 0, "net1/loss": 0.5, "epoch_seconds": 0.1}, 3)
+
+
+# --- Ctrl-C: one instruction, and one that works for that command ---------------------------------------
+
+
+def test_ctrl_c_says_one_thing_that_works(tmp_path, monkeypatch):
+    import stages.run
+    import stages.train
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages.train, "run", interrupted)
+    r = runner.invoke(app, ["train", str(tmp_path / "a"), str(tmp_path / "m")])
+    assert r.exit_code == 130
+    assert "run the same command with --resume" in r.output and "again to continue" not in r.output
+    monkeypatch.setattr(stages.run, "run", interrupted)
+    r = runner.invoke(app, ["run", str(tmp_path / "img"), str(tmp_path / "o")])
+    assert r.exit_code == 130
+    assert "run the same command again to continue" in r.output and "--resume" not in r.output
+
+
+def test_run_has_no_ignored_resume_option():
+    r = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "300"})
+    assert r.exit_code == 0 and "--resume" not in r.output and "--epochs" in r.output
