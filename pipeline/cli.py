@@ -17,6 +17,9 @@ import typer
 
 from pipeline import config as C
 from pipeline.errors import CoregError
+from pipeline.messages import install as _install_warnings
+
+_install_warnings()  # library warnings users would see raw become one line each
 
 app = typer.Typer(
     add_completion=False,

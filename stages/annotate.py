@@ -133,7 +133,10 @@ def _synthetic_sets(cfg: AnnotateConfig, layout: Layout) -> dict:
 
 
 def _load(path: Path, annotator, draft_size):
-    got = read_image(path, draft_size=draft_size)
+    from pipeline.messages import reading
+
+    with reading(path):  # a warning while decoding names this file
+        got = read_image(path, draft_size=draft_size)
     if got is None:
         return None
     rgb, data = got

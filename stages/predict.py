@@ -49,10 +49,12 @@ def predict_paths(model, paths: list[Path], *, batch_size: int, top_k: int, num_
 
     from pipeline.data import image_to_tensor
     from pipeline.images import load_rgb
+    from pipeline.messages import reading
 
     def load(path: Path):
         try:
-            img = load_rgb(path)
+            with reading(path):  # a warning while decoding names this file
+                img = load_rgb(path)
             return None if img is None else image_to_tensor(img, model.image_size)  # (3, S, S) uint8
         except (OSError, ValueError):  # truncated pixel data can surface only when resizing
             return None

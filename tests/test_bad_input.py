@@ -337,3 +337,28 @@ def test_ctrl_c_says_one_thing_that_works(tmp_path, monkeypatch):
 def test_run_has_no_ignored_resume_option():
     r = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "300"})
     assert r.exit_code == 0 and "--resume" not in r.output and "--epochs" in r.output
+
+
+# --- a very large image: one warning line naming the file --------------------------------------------------
+
+
+def test_decompression_bomb_warning_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from tests.tiny import make_image_folder
+
+    img = make_image_folder(tmp_path / "img", classes=("cat", "dog"), n_per_class=2, size=32)
+    import warnings
+
+    from pipeline.messages import install
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 32 x 32 = 1024 px: over the limit, under 2x (an error)
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # pytest records warnings: restore after
+    monkeypatch.setattr(warnings, "filters", list(warnings.filters))
+    install()  # as the CLI does at import, here inside pytest's own warning capture
+    r = runner.invoke(app, ["annotate", str(img), str(tmp_path / "out"), "--annotator", "synthetic", "--num-workers", "2"])
+    assert r.exit_code == 0, r.output
+    lines = [x for x in r.output.splitlines() if "very large image" in x]
+    assert len(lines) == 4, r.output
+    assert any(f"warning: {img / 'cat' / '0000.png'}: a very large image (1,024 pixels" in x for x in lines), lines
+    assert "DecompressionBombWarning" not in r.output and "decompression bomb" not in r.output
