@@ -362,3 +362,69 @@ def test_decompression_bomb_warning_is_one_line_naming_the_file(tmp_path, monkey
     assert len(lines) == 4, r.output
     assert any(f"warning: {img / 'cat' / '0000.png'}: a very large image (1,024 pixels" in x for x in lines), lines
     assert "DecompressionBombWarning" not in r.output and "decompression bomb" not in r.output
+
+
+# --- default CLIP / LLaVA without network: fast, one line, the whole cause, how to pass local weights -----
+
+
+LONG = "Failed to download weights: " + " ".join(f"word{i}" for i in range(80)) + "\nsecond line ends here"
+
+
+def _no_network(monkeypatch):
+    """A machine without network: offline mode unset, the probe's connection fails."""
+    import socket
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+
+    def refuse(*a, **k):
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return constants
+
+
+def test_default_clip_without_network_fails_at_once_in_one_line(tmp_path, monkeypatch):
+    import logging
+
+    import open_clip
+
+    from tests.tiny import make_image_folder
+
+    constants = _no_network(monkeypatch)
+    seen = {}
+
+    def load(*a, **k):
+        seen["offline"] = constants.HF_HUB_OFFLINE  # the load ran cache-only: no retries
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 8s [Retry 5/5].")
+        raise RuntimeError(LONG)
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", load)
+    img = make_image_folder(tmp_path / "img", classes=("cat", "dog"), n_per_class=1)
+    r = runner.invoke(app, ["annotate", str(img), str(tmp_path / "out")])
+    line = one_line_error(r, "huggingface.co cannot be reached", "--pretrained /path/to/", "HF_HUB_OFFLINE=1")
+    assert " ".join(LONG.split()) in line  # the cause whole, not cut mid-word
+    assert seen["offline"] is True and constants.HF_HUB_OFFLINE is False  # restored after the load
+    assert "Retrying" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_default_llava_without_network_fails_at_once_in_one_line(tmp_path, monkeypatch):
+    import transformers
+
+    from annotators.llava import LlavaAnnotator
+    from pipeline.errors import CoregError
+
+    _no_network(monkeypatch)
+
+    def load(*a, **k):
+        raise OSError(LONG)
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", load)
+    with pytest.raises(CoregError) as e:
+        LlavaAnnotator.from_pretrained("", classes=["cat", "dog"], questions=["what is it? {}"], device="cpu")
+    msg = str(e.value)
+    assert "\n" not in msg and "cannot be reached" in msg and "--model /path/to/folder" in msg
+    assert " ".join(LONG.split()) in msg
