@@ -170,9 +170,10 @@ def _run_params():
             if name not in done:
                 done.add(name)
                 params.append(p.replace(name=name))
-    # IMAGES and OUT first
+    # IMAGES and OUT first; OUT here is the run's folder, not annotate's
     params.sort(key=lambda p: p.name not in ("images", "out"))
-    return params
+    run_out = typer.Argument(..., help="output folder: OUT/annotated, OUT/model, OUT/report (re-run the same command to resume)", show_default=False)
+    return [p.replace(default=run_out) if p.name == "out" else p for p in params]
 
 
 def _run(kw):

@@ -337,6 +337,18 @@ def test_ctrl_c_says_one_thing_that_works(tmp_path, monkeypatch):
 def test_run_has_no_ignored_resume_option():
     r = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "300"})
     assert r.exit_code == 0 and "--resume" not in r.output and "--epochs" in r.output
+    assert "OUT/annotated, OUT/model, OUT/report" in r.output
+
+
+def test_every_option_and_argument_of_every_command_has_a_help_line():
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for name, cmd in group.commands.items():
+        for p in cmd.params:
+            if p.name != "help":
+                assert getattr(p, "help", None), f"coreg {name}: {p.name} has no help line"
+        assert cmd.params, name
 
 
 # --- a very large image: one warning line naming the file --------------------------------------------------
