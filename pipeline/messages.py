@@ -41,7 +41,12 @@ def install() -> None:
         if m and category.__name__ == "DecompressionBombWarning":
             from tqdm import tqdm
 
-            path = getattr(_here, "path", None) or "an image"
+            path = getattr(_here, "path", None)
+            if path is None:  # a reader that names no file (training's decoder): say it once, not per image
+                if getattr(show, "_said", False):
+                    return
+                show._said = True
+                path = "some images (listed by `coreg annotate`)"
             tqdm.write(  # above a running progress bar, not glued to it
                 f"warning: {path}: a very large image ({int(m[1]):,} pixels, over PIL's safety limit of {int(m[2]):,}); "
                 "decoding it takes much time and memory",

@@ -440,3 +440,21 @@ def test_default_llava_without_network_fails_at_once_in_one_line(tmp_path, monke
     msg = str(e.value)
     assert "\n" not in msg and "cannot be reached" in msg and "--model /path/to/folder" in msg
     assert " ".join(LONG.split()) in msg
+
+
+def test_a_non_finite_model_is_refused_by_predict_and_evaluate(tmp_path):
+    import torch
+
+    from pipeline.model_io import save_model
+    from tests.test_model_io import model_config, student_weights
+
+    cfg = model_config()
+    w = student_weights(cfg, seed=1)
+    k = next(k for k, v in w.items() if v.is_floating_point())
+    w[k] = torch.full_like(w[k], float("nan"))
+    save_model(tmp_path / "model", weights=w, config=cfg)  # as a diverged run on an older version wrote it
+    img = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(img)
+    one_line_error(runner.invoke(app, ["predict", str(tmp_path / "model"), str(img)]), "NaN or infinite", k)
