@@ -442,7 +442,7 @@ def test_default_llava_without_network_fails_at_once_in_one_line(tmp_path, monke
     assert " ".join(LONG.split()) in msg
 
 
-def test_a_non_finite_model_is_refused_by_predict_and_evaluate(tmp_path):
+def test_a_non_finite_model_is_refused_where_it_is_loaded(tmp_path):
     import torch
 
     from pipeline.model_io import save_model
