@@ -84,12 +84,23 @@ class ClipAnnotator:
                 pretrained = DEFAULT_PRETRAINED
             if not Path(pretrained).is_file() and pretrained not in tags:
                 raise CoregError(f"--pretrained {pretrained!r}: neither a file nor a tag of {model} ({', '.join(tags) or 'none'})")
+        from annotators.hub import hub_load, one_line
+
+        local = schema == "local-dir" or (schema is None and Path(pretrained).is_file())
         try:
-            net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=None if schema else pretrained)
-            tokenizer = open_clip.get_tokenizer(model)
+            with hub_load() if not local else contextlib.nullcontext() as offline:
+                net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=None if schema else pretrained)
+                tokenizer = open_clip.get_tokenizer(model)
         except Exception as e:  # noqa: BLE001 - downloads and loaders raise many types; all mean "cannot load"
-            hint = "" if schema == "local-dir" else "; offline, pass --pretrained /path/to/weights (a local file) or --model local-dir:PATH"
-            raise CoregError(f"--model {model} --pretrained {pretrained or '-'}: cannot load ({type(e).__name__}: {str(e)[:200]}){hint}") from None
+            where = f"--model {model} --pretrained {pretrained or '-'}"
+            if local:
+                raise CoregError(f"{where}: cannot load ({one_line(e)})") from None
+            why = f"the weights are not in the local cache and {offline}" if offline else one_line(e)
+            raise CoregError(
+                f"{where}: cannot load: {why}. Without network, download the weights once elsewhere and pass "
+                f"--pretrained /path/to/weights-file (or --model local-dir:PATH), with HF_HUB_OFFLINE=1"
+                + (f" (library error: {one_line(e)})" if offline else "")
+            ) from None
         return cls(net, preprocess, tokenizer, classes=classes, templates=templates, device=dev,
                    model_name=model, pretrained=pretrained, text_cache=text_cache)
 

@@ -79,12 +79,24 @@ class LlavaAnnotator:
         dtype = torch.float16 if dev.type == "cuda" else torch.float32  # llava-hf ships fp16 weights
         if model.startswith(("local-dir:", "hf-hub:")):
             raise CoregError(f"--model {model}: the local-dir:/hf-hub: forms are open_clip's; give LLaVA as a hub id or a plain folder path")
+        import contextlib
+
+        from annotators.hub import hub_load, one_line
+
+        local = Path(model).is_dir()
         try:
-            processor = AutoProcessor.from_pretrained(model)
-            net = LlavaForConditionalGeneration.from_pretrained(model, dtype=dtype)
+            with hub_load() if not local else contextlib.nullcontext() as offline:
+                processor = AutoProcessor.from_pretrained(model)
+                net = LlavaForConditionalGeneration.from_pretrained(model, dtype=dtype)
         except Exception as e:  # noqa: BLE001 - hub, file and config errors all mean "cannot load"
-            hint = "" if Path(model).is_dir() else "; offline, download it once or give a local folder"
-            raise CoregError(f"--model {model}: cannot load a LLaVA model ({type(e).__name__}: {str(e)[:200]}){hint}") from None
+            if local:
+                raise CoregError(f"--model {model}: cannot load a LLaVA model ({one_line(e)})") from None
+            why = f"it is not in the local cache and {offline}" if offline else one_line(e)
+            raise CoregError(
+                f"--model {model}: cannot load a LLaVA model: {why}. Without network, download it once elsewhere "
+                "(save_pretrained folder) and pass --model /path/to/folder, with HF_HUB_OFFLINE=1"
+                + (f" (library error: {one_line(e)})" if offline else "")
+            ) from None
         return cls(net, processor, classes=classes, questions=questions, device=dev, max_new_tokens=max_new_tokens, model_name=model)
 
     @staticmethod

@@ -44,8 +44,37 @@ def save_checkpoint(out: Path, *, epoch: int, method, config: dict) -> None:
             os.unlink(tmp)
 
 
+def result_changing(old: dict, new: dict, start: int) -> list[str]:
+    """The options whose change would change the epochs already run (0..start-1): those a resume must refuse.
+
+    Free: RESUME_FREE; an option only other `--method`s read (`only=` in pipeline/config.py); and, while Co-Reg
+    is still in its warm-up (every epoch so far was a warm-up epoch under the old and the new
+    --warmup-epochs), the options it reads only after the warm-up (`from_warmup=True`) and --warmup-epochs
+    itself. Everything else, including any option without a declaration, counts as result-changing.
+    """
+    import dataclasses
+
+    from pipeline.config import TrainConfig
+
+    meta = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}
+    method = old.get("method")
+    warm = method == new.get("method") == "coreg" and start <= min(old.get("warmup_epochs", 0), new.get("warmup_epochs", 0))
+    diff = []
+    for k in sorted(set(old) | set(new)):
+        if k in RESUME_FREE or old.get(k) == new.get(k):
+            continue
+        m = meta.get(k, {})
+        if k != "method" and "only" in m and method not in m["only"] and new.get("method") == method:
+            continue
+        if warm and (m.get("from_warmup") or k == "warmup_epochs"):
+            continue
+        diff.append(k)
+    return diff
+
+
 def check_resumable(out: Path, config: dict) -> dict:
-    """Load the checkpoint and refuse one written with a different configuration (naming the options)."""
+    """Load the checkpoint and refuse it when an option that shaped the epochs already run has changed (naming
+    those options); other changes take effect from the next epoch on."""
     path = out / CHECKPOINT
     if not path.is_file():
         raise CoregError(f"{out}: --resume given but there is no {CHECKPOINT}; start without --resume")
@@ -54,11 +83,13 @@ def check_resumable(out: Path, config: dict) -> dict:
     except Exception as e:
         raise CoregError(f"{path}: cannot read the checkpoint ({type(e).__name__}); delete it to start over") from None
     old = state.get("config", {})
-    diff = sorted(k for k in set(old) | set(config) if k not in RESUME_FREE and old.get(k) != config.get(k))
+    diff = result_changing(old, config, int(state.get("epoch", -1)) + 1)
     if old.get("lr_period") == 0 and old.get("epochs") != config.get("epochs"):
         diff.append("epochs (the cosine schedule follows the run length with --lr-period 0)")
     if diff:
         shown = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} -> {config.get(k)!r}" for k in diff[:4] if k in old)
+        if shown and len(diff) > 4:
+            shown += f" and {len(diff) - 4} more"
         raise CoregError(
             f"{out}: the checkpoint was written with other options ({shown or ', '.join(diff)}); "
             "resume with the original options or train into a new OUT"

@@ -17,6 +17,9 @@ import typer
 
 from pipeline import config as C
 from pipeline.errors import CoregError
+from pipeline.messages import install as _install_warnings
+
+_install_warnings()  # library warnings users would see raw become one line each
 
 app = typer.Typer(
     add_completion=False,
@@ -37,15 +40,24 @@ def _params(cls, *, prefix_skip: tuple[str, ...] = (), skip: tuple[str, ...] = (
             continue
         typ = _TYPES.get(str(f.type), str)
         required = f.default is dataclasses.MISSING
-        help_ = f.metadata.get("help", "")
+        help_ = " ".join(x for x in (f.metadata.get("help", ""), C.describe(f)) if x)  # the values it takes
         if required and positional:
             default = typer.Argument(..., help=help_, show_default=False)
         elif required:
             continue
         else:
-            default = typer.Option(f.default, help=help_)
+            default = typer.Option(f.default, help=help_, rich_help_panel=f.metadata.get("panel"))
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=typ))
     return params
+
+
+# What works after Ctrl-C, per command: one instruction, printed once (the stages print no hint of their own).
+_RESTART = "nothing is kept; run the command again to start it over"
+_RESUME_HINT = {
+    "train": "the last saved epoch is kept; to continue, run the same command with --resume",
+    "annotate": "finished shards are saved; run the same command again to continue",
+    "run": "finished work is saved; run the same command again to continue",
+}
 
 
 def _command(name: str, params: list[inspect.Parameter], body: Callable[[dict], Any], help_: str):
@@ -59,7 +71,7 @@ def _command(name: str, params: list[inspect.Parameter], body: Callable[[dict], 
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            typer.secho("interrupted: finished work is saved; run the same command again to continue", err=True)
+            typer.secho(f"interrupted: {_RESUME_HINT.get(name, _RESTART)}", err=True)
             raise typer.Exit(130) from None
 
     cmd.__signature__ = inspect.Signature(params)
@@ -125,7 +137,8 @@ _command(
 
 _RUN_STAGES = (
     # (config, prefix for options whose name another stage also uses with another default, skipped fields)
-    (C.TrainConfig, "", ("annotated", "out")),
+    # no --resume: `coreg run` resumes every stage by itself (stages/run.py), an option would be ignored
+    (C.TrainConfig, "", ("annotated", "out", "resume")),
     (C.AnnotateConfig, "annotate_", ()),
     (C.EvaluateConfig, "eval_", ("model", "annotated", "out")),
 )
@@ -158,18 +171,25 @@ def _run_params():
             if name not in done:
                 done.add(name)
                 params.append(p.replace(name=name))
-    # IMAGES and OUT first
+    # IMAGES and OUT first; OUT here is the run's folder, not annotate's
     params.sort(key=lambda p: p.name not in ("images", "out"))
-    return params
+    run_out = typer.Argument(..., help="output folder: OUT/annotated, OUT/model, OUT/report (re-run the same command to resume)", show_default=False)
+    return [p.replace(default=run_out) if p.name == "out" else p for p in params]
 
 
 def _run(kw):
     from stages import run as run_stage
 
     per_stage: dict[type, dict] = {cls: {} for cls, _, _ in _RUN_STAGES}
+    cli_names: dict[type, dict] = {cls: {} for cls, _, _ in _RUN_STAGES}
     for name, targets in _run_fields().items():
         for cls, field in targets:
             per_stage[cls][field] = kw[name]
+            cli_names[cls][field] = name
+    # Every stage's options before any work, named as `coreg run` spells them (the stages check again, with
+    # their own names, when they start).
+    for cls, values in per_stage.items():
+        C.check(C.from_dict(cls, {"images": "", "annotated": "", "model": "", "out": "", **values}), cli_names[cls])
     run_stage.run(
         annotate=C.AnnotateConfig(**per_stage[C.AnnotateConfig]),
         train_kwargs=per_stage[C.TrainConfig],

@@ -42,12 +42,56 @@ def scan_images(root: str | Path) -> list[Path]:
 
     Hidden files and folders (a leading '.', e.g. macOS `._x.jpg` resource forks) are skipped: they are never
     pictures a user meant to include.
+
+    Symbolic links are followed, but every real folder and every real file is visited once, through its
+    real path where that lies under `root`: a link loop (`ln -s .. IMAGES/cat/up`) or an alias
+    (`ln -s ../dog IMAGES/cat/dogs`) would otherwise repeat images under another class folder, labelling dog
+    images cat. What was skipped is reported in one warning line.
     """
+    import sys
+
     root = Path(root)
-    found = []
+    real_root = os.path.realpath(root)
+
+    def inside(path: str) -> bool:  # reached anyway through its real path, without the link
+        real = os.path.realpath(path)
+        return real == real_root or real.startswith(real_root + os.sep)
+
+    found, seen_dirs, seen_files, skipped = [], set(), set(), []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(Path(dirpath, f) for f in filenames if is_image(Path(f)))
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen_dirs:  # a loop among folders outside root
+            skipped.append(Path(dirpath))
+            dirnames[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        keep = []
+        for d in sorted(dirnames):
+            full = os.path.join(dirpath, d)
+            if d.startswith("."):
+                continue
+            if os.path.islink(full) and inside(full):
+                skipped.append(Path(full))
+            else:
+                keep.append(d)
+        dirnames[:] = keep
+        for f in sorted(filenames):
+            full = os.path.join(dirpath, f)
+            if not is_image(Path(f)):
+                continue
+            real = os.path.realpath(full)
+            if (os.path.islink(full) and inside(full)) or real in seen_files:
+                skipped.append(Path(full))
+                continue
+            seen_files.add(real)
+            found.append(Path(full))
+    if skipped:
+        print(
+            f"warning: {root}: skipped {len(skipped)} symbolic link(s) to folders or images found already "
+            f"(e.g. {skipped[0].relative_to(root).as_posix()}: a link loop or alias); each real file is read once",
+            file=sys.stderr,
+            flush=True,
+        )
     return sorted(found, key=lambda p: p.relative_to(root).parts)
 
 

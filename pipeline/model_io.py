@@ -250,6 +250,14 @@ def load_model(model_dir: str | Path, *, device="cpu") -> StudentModel:
         weights = load_file(str(root / WEIGHTS_FILE), device="cpu")
     except (SafetensorError, OSError) as e:
         raise CoregError(f"{root / WEIGHTS_FILE}: cannot read the weights ({e}); re-run `coreg train`") from None
+    # A diverged run (written before training refused non-finite weights) predicts NaN for every image, and
+    # evaluate would still report an accuracy: refuse it where every reader starts.
+    bad = next((k for k, v in weights.items() if v.is_floating_point() and not bool(v.isfinite().all())), None)
+    if bad is not None:
+        raise CoregError(
+            f"{root / WEIGHTS_FILE}: weight {bad} holds NaN or infinite values (training diverged); "
+            "retrain with a lower --lr into a new folder"
+        )
     nets: dict[str, Student] = {}
     for name in config["nets"]:
         net = build_student(

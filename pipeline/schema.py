@@ -115,6 +115,18 @@ def _check_values(root, split, ds, n_classes, stage, np) -> None:
         raise _fail(root, split, "vlm_probs", f"each row needs {n_classes} values (one per class)", stage)
     if probs.ndim != 2 or probs.shape[1] != n_classes:
         raise _fail(root, split, "vlm_probs", f"each row needs {n_classes} values (one per class)", stage)
+    # NaN slips through the sum test below (NaN > 1e-3 is False), and a negative entry can still sum to 1:
+    # both would train a non-finite or meaningless model (kd distils vlm_probs directly), so refuse them here.
+    nonfinite = np.flatnonzero(~np.isfinite(probs).all(1))
+    if len(nonfinite):
+        i = nonfinite[0]
+        raise _fail(root, split, "vlm_probs", f"row {i} holds a non-finite value ({probs[i][~np.isfinite(probs[i])][0]}); "
+                    f"{len(nonfinite)} row(s) in all", stage)
+    negative = np.flatnonzero((probs < 0).any(1))
+    if len(negative):
+        i = negative[0]
+        raise _fail(root, split, "vlm_probs", f"row {i} holds a negative value ({probs[i].min():.4g}); "
+                    f"{len(negative)} row(s) in all; probabilities must be >= 0", stage)
     sums = probs.sum(1)
     bad = np.flatnonzero(np.abs(sums - 1) > 1e-3)
     if len(bad):
@@ -128,12 +140,26 @@ def _check_values(root, split, ds, n_classes, stage, np) -> None:
     trusted = np.asarray(ds["trusted"], dtype=bool)
     if (trusted & (label < 0)).any():
         raise _fail(root, split, "trusted", "a trusted row must have a known label", stage)
+    empty = 0
     for i, c in enumerate(ds["candidates"]):
         c = np.asarray(c)
+        empty += len(c) == 0
         if len(c) and (c.min() < 0 or c.max() >= n_classes):
             raise _fail(root, split, "candidates", f"row {i} has a class index outside [0, {n_classes})", stage)
         if len(c) > 1 and (np.diff(c) <= 0).any():
             raise _fail(root, split, "candidates", f"row {i} is not sorted and unique", stage)
+    n = len(ds["candidates"])
+    # The contract allows an empty set only where the annotator failed on that row. All empty means the
+    # annotation failed as a whole: the partial-label methods would learn nothing (cc's loss is 0) and say so
+    # nowhere. Only the train split is refused: a test split's sets feed statistics, not learning.
+    if empty and empty == n and split == "train":
+        raise _fail(root, split, "candidates", f"all {n} candidate sets are empty; nothing to learn from (re-run "
+                    "`coreg annotate`, or check the candidate rule --candidates)", stage)
+    if empty:
+        import sys
+
+        print(f"warning: {root}: split {split!r}: {empty} of {n} rows have an empty candidate set (the annotator "
+              f"failed on them) [{stage}]", file=sys.stderr, flush=True)
 
 
 def candidate_matrix(candidates, n_classes: int):

@@ -57,7 +57,11 @@ def contract_features(classes: list[str], annotator: str):
     return f
 
 
-def _check_options(cfg: AnnotateConfig) -> None:
+def check_options(cfg: AnnotateConfig) -> None:
+    """The options alone, before any image is read (`coreg run` calls it before any stage starts)."""
+    from pipeline.config import check
+
+    check(cfg)  # ranges and choices declared in pipeline/config.py
     if cfg.annotator not in ANNOTATORS:
         raise CoregError(f"--annotator {cfg.annotator!r}: unknown; use {' | '.join(ANNOTATORS)}")
     parse_rule(cfg.candidates)  # syntax now; the K <= classes check once the classes are known
@@ -129,7 +133,10 @@ def _synthetic_sets(cfg: AnnotateConfig, layout: Layout) -> dict:
 
 
 def _load(path: Path, annotator, draft_size):
-    got = read_image(path, draft_size=draft_size)
+    from pipeline.messages import reading
+
+    with reading(path):  # a warning while decoding names this file
+        got = read_image(path, draft_size=draft_size)
     if got is None:
         return None
     rgb, data = got
@@ -199,7 +206,7 @@ def run(cfg: AnnotateConfig) -> Path:
 def _run(cfg: AnnotateConfig) -> Path:
     from tqdm.auto import tqdm
 
-    _check_options(cfg)
+    check_options(cfg)
     layout = discover(cfg.images, cfg.classes, cfg.classes_file, cfg.test_dir)
     rule = parse_rule(cfg.candidates, len(layout.classes))
     out = Path(cfg.out)

@@ -45,11 +45,11 @@ def check_classes(model_classes: list[str], data_classes: list[str], model: str,
 
 def run(cfg: EvaluateConfig) -> Path:
     """Validate the inputs at the boundary, then evaluate. Returns the report folder."""
+    from pipeline.config import check
     from pipeline.model_io import read_model_config
     from pipeline.schema import load_annotated, read_annotation_info
 
-    if cfg.batch_size < 1 or cfg.overrule_sheet < 0:
-        raise CoregError("--batch-size must be at least 1 and --overrule-sheet not negative")
+    check(cfg)  # ranges and choices declared in pipeline/config.py
     model_config = read_model_config(cfg.model)
     dsd, classes = load_annotated(cfg.annotated, stage="coreg evaluate")
     if cfg.split not in dsd:

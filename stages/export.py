@@ -152,6 +152,22 @@ def export(model, fmt: str, path: Path) -> Path:
     return path
 
 
+# What each format needs beyond the base install (pyproject.toml's `export` extra), to name it in one line
+# instead of a ModuleNotFoundError traceback after the README's plain `pip install -e .`.
+NEEDS = {"onnx": ("onnx", "onnxruntime"), "torchscript": ()}
+
+
+def _check_installed(fmt: str) -> None:
+    import importlib.util
+
+    missing = [m for m in NEEDS[fmt] if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CoregError(
+            f"--format {fmt} needs {' and '.join(missing)}, which the base install leaves out; install the export "
+            f'extra with `pip install -e ".[export]"` (or `pip install {" ".join(NEEDS[fmt])}`), or use --format torchscript'
+        )
+
+
 def run(*, model: str, format: str = "onnx", out: str | None = None) -> Path:
     """Disk → disk: MODEL → FILE (+ FILE.json)."""
     from pipeline.model_io import load_model, read_model_config
@@ -159,6 +175,7 @@ def run(*, model: str, format: str = "onnx", out: str | None = None) -> Path:
     if format not in FORMATS:
         raise CoregError(f"--format {format!r} is unknown; choose one of: {', '.join(FORMATS)}")
     read_model_config(model)  # a missing or incomplete model directory is the first thing to report
+    _check_installed(format)
     path = Path(out) if out else default_out(model, format)
     if path.is_dir():
         raise CoregError(f"{path}: is a folder; give a file name for the export (--out FILE{FORMATS[format]})")

@@ -49,10 +49,12 @@ def predict_paths(model, paths: list[Path], *, batch_size: int, top_k: int, num_
 
     from pipeline.data import image_to_tensor
     from pipeline.images import load_rgb
+    from pipeline.messages import reading
 
     def load(path: Path):
         try:
-            img = load_rgb(path)
+            with reading(path):  # a warning while decoding names this file
+                img = load_rgb(path)
             return None if img is None else image_to_tensor(img, model.image_size)  # (3, S, S) uint8
         except (OSError, ValueError):  # truncated pixel data can surface only when resizing
             return None
@@ -95,10 +97,10 @@ def run(cfg: PredictConfig) -> Path | None:
     """Disk → disk: MODEL + images → CSV (a file, or stdout). Returns the CSV path, None for stdout."""
     import torch
 
+    from pipeline.config import check
     from pipeline.model_io import atomic_write_text, load_model
 
-    if cfg.batch_size < 1 or cfg.top_k < 1:
-        raise CoregError("--batch-size and --top-k must be at least 1")
+    check(cfg)  # ranges declared in pipeline/config.py
     out = Path(cfg.out) if cfg.out else None
     if out is not None:
         _check_out(out)

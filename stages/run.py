@@ -134,17 +134,26 @@ def run(*, annotate: AnnotateConfig, train_kwargs: dict, evaluate_kwargs: dict) 
     if not images.is_dir():
         raise CoregError(f"{images}: image folder not found")
     check_out(out, images)
-    from accelerate import PartialState
-
     from stages import annotate as annotate_stage
     from stages import evaluate as evaluate_stage
     from stages import train as train_stage
+
+    annotated, model, report = out / "annotated", out / "model", out / "report"
+    # Every stage's options before any work: a bad training or evaluation option must not surface only after
+    # a long annotation.
+    a_cfg = dataclasses.replace(annotate, out=str(annotated))
+    annotate_stage.check_options(a_cfg)
+    t_cfg = _train_options(train_kwargs, annotated, model)
+    train_stage.check_options(t_cfg)
+    from pipeline.config import check, from_dict
+
+    check(from_dict(EvaluateConfig, {**evaluate_kwargs, "model": str(model), "annotated": str(annotated), "out": str(report)}))
+    from accelerate import PartialState
 
     # Under `accelerate launch` only the main process touches OUT's bookkeeping. The shared state is created
     # with train's --cpu so the later stages' Accelerators find it already on the device they ask for.
     dist = PartialState(cpu=bool(train_kwargs.get("cpu", False)))
     main = dist.is_main_process
-    annotated, model, report = out / "annotated", out / "model", out / "report"
     if main:
         out.mkdir(parents=True, exist_ok=True)
     dist.wait_for_everyone()
@@ -152,7 +161,6 @@ def run(*, annotate: AnnotateConfig, train_kwargs: dict, evaluate_kwargs: dict) 
     log = []
 
     # --- annotate -------------------------------------------------------------------------------------
-    a_cfg = dataclasses.replace(annotate, out=str(annotated))
     a_fp = annotate_fingerprint(a_cfg, out)
     if state.done("annotate", a_fp) and (annotated / "dataset_dict.json").is_file():
         log.append("annotate: kept (finished, options and images unchanged)")
@@ -165,7 +173,6 @@ def run(*, annotate: AnnotateConfig, train_kwargs: dict, evaluate_kwargs: dict) 
         log.append(f"annotate: {how}")
 
     # --- train ----------------------------------------------------------------------------------------
-    t_cfg = _train_options(train_kwargs, annotated, model)
     t_fp, t_key = train_fingerprints(t_cfg, a_fp)
     if state.done("train", t_fp) and (model / "config.json").is_file():
         log.append("train: kept (finished, options and data unchanged)")

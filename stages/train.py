@@ -18,22 +18,17 @@ import time
 from pathlib import Path
 
 from pipeline.accel import GracefulStop, average_grads, make_dist
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, check
 from pipeline.errors import CoregError
 
-MIXED = ("auto", "no", "bf16", "fp16")
 
-
-def _check_options(cfg: TrainConfig) -> None:
-    if cfg.mixed_precision not in MIXED:
-        raise CoregError(f"--mixed-precision {cfg.mixed_precision!r} is unknown; choose one of {', '.join(MIXED)}")
-    for name in ("epochs", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise CoregError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.warmup_epochs < 0 or cfg.image_size < 0:
-        raise CoregError("--warmup-epochs and --image-size must not be negative")
-    if cfg.predict_with not in ("ensemble", "net1", "net2"):
-        raise CoregError(f"--predict-with {cfg.predict_with!r} is unknown; choose ensemble, net1 or net2")
+def check_options(cfg: TrainConfig) -> None:
+    """Everything about the options that can be checked without the data: the declarations in
+    pipeline/config.py (ranges, choices, --warmup-epochs <= --epochs) and the architecture's name. `coreg run`
+    calls it before annotating, so a typo never costs an annotation."""
+    check(cfg)
+    if cfg.arch and cfg.arch not in ("preact_resnet18", "small_cnn") and not (cfg.arch.startswith("timm:") and cfg.arch[5:]):
+        raise CoregError(f"--arch {cfg.arch!r} is unknown; choose one of: preact_resnet18, small_cnn, timm:NAME")
 
 
 def _check_out(out: Path, resume: bool) -> None:
@@ -88,10 +83,7 @@ def resolve_preset(cfg: TrainConfig, *, n_rows: int, quiet: bool = False) -> Tra
 
 def run(cfg: TrainConfig) -> Path:
     """Disk → disk: ANNOTATED → OUT (model directory)."""
-    from pipeline.presets import PRESETS
-
-    if cfg.preset not in PRESETS:
-        raise CoregError(f"--preset {cfg.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    check_options(cfg)  # before the data: options left unset (None / "") are checked once the preset filled them
     out = Path(cfg.out)
     _check_out(out, cfg.resume)
     from pipeline.methods import get_method_module
@@ -103,7 +95,7 @@ def run(cfg: TrainConfig) -> Path:
     if n < 2:
         raise CoregError(f"{cfg.annotated}: the train split has {n} image(s); training needs at least two")
     cfg = resolve_preset(cfg, n_rows=n)
-    _check_options(cfg)
+    check_options(cfg)
     if cfg.batch_size > n:
         raise CoregError(f"--batch-size {cfg.batch_size} is larger than the {n} training images; use --batch-size {max(1, n // 2)} or less")
     return train(cfg, dsd, classes, method_module)
@@ -140,6 +132,8 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
     def make_net():
         return build_student(cfg.arch, num_classes=num_classes, image_size=size, proj_dim=cfg.proj_dim, pretrained=cfg.timm_pretrained)
 
+    n_test = len(dsd["test"]) if "test" in dsd else 0
+    _check_memory(size, len(train_ds), n_test, cfg.batch_size, cfg.image_size, gpu=device.type == "cuda")
     make_net()  # an architecture that cannot take this image size fails now, before decoding
     images = decode_images(train_ds, size=size, num_workers=cfg.num_workers, desc="decoding train" if main else None)
     mean, std = channel_stats(images)
@@ -210,10 +204,14 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
     rows_per_epoch = images.shape[0]
     stop = GracefulStop(main)
     warned = False
+    last_saved = start - 1  # the epoch the checkpoint on disk holds (-1: none)
     with stop:
         for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
             metrics = method.train_epoch(epoch, ctx)
+            # The metrics are process-averaged, so every process takes the same decision here, before this
+            # epoch's weights can reach model.safetensors or the checkpoint (both keep the last good epoch).
+            _check_finite(metrics, epoch, last_saved, cfg, out)
             seconds = time.perf_counter() - t0
             metrics = {"epoch": epoch, **metrics, "epoch_seconds": seconds, "images_per_second": rows_per_epoch / max(seconds, 1e-9)}
             if test is not None:
@@ -231,9 +229,10 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
                 if main:
                     _save_model(out, method, model_config, save_model)
                     ckpt.save_checkpoint(out, epoch=epoch, method=method, config=resolved)
+                last_saved = epoch
             if stopping:
                 if main:
-                    print(f"stopped after epoch {epoch + 1} and saved it; continue with the same command plus --resume")
+                    print(f"stopped after epoch {epoch + 1} and saved it")  # the CLI says how to continue
                 raise KeyboardInterrupt
     accelerator.wait_for_everyone()
     if main:
@@ -242,6 +241,42 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
     if cfg.tensorboard:
         accelerator.end_training()
     return out
+
+
+# Working memory of one step besides the decoded images, in float32 batch copies: the weak and strong views
+# of a 2x warm-up batch and their augmentation temporaries (a rough floor, not a bound: activations come on top).
+_BATCH_COPIES = 4
+
+
+def _available_memory(gpu: bool) -> int:
+    """Bytes free now: host RAM, or on a GPU run the smaller of RAM and the device's free memory."""
+    import psutil
+
+    free = psutil.virtual_memory().available
+    if gpu:
+        import torch
+
+        free = min(free, torch.cuda.mem_get_info()[0])
+    return int(free)
+
+
+def _check_memory(size: int, n_train: int, n_test: int, batch_size: int, asked: int, *, gpu: bool) -> None:
+    """Refuse an image size whose decoded uint8 tensors alone do not fit, before minutes of decoding end in
+    the kernel's OOM killer (which prints nothing)."""
+
+    def need(s: int) -> int:
+        return (n_train + n_test) * 3 * s * s + _BATCH_COPIES * 2 * batch_size * 3 * s * s * 4
+
+    free = _available_memory(gpu)
+    if need(size) <= free:
+        return
+    fits = next((s for s in range(min(size, 224), 7, -1) if need(s) <= 0.8 * free), None)
+    hint = f"use --image-size {fits} or less" if fits else "free some memory or use fewer images"
+    which = f"--image-size {asked}" if asked else f"the training images' size ({size} px)"
+    raise CoregError(
+        f"{which}: {n_train + n_test} decoded images at {size} px plus one batch need about {need(size) / 2**30:.1f} GiB, "
+        f"but {free / 2**30:.1f} GiB of {'GPU ' if gpu else ''}memory is free; {hint} (or a smaller --batch-size)"
+    )
 
 
 def _collapse_warning(metrics: dict, num_classes: int) -> bool:
@@ -260,8 +295,32 @@ def _collapse_warning(metrics: dict, num_classes: int) -> bool:
     return True
 
 
+def _check_finite(metrics: dict, epoch: int, last_saved: int, cfg: TrainConfig, out: Path) -> None:
+    """Stop at the first epoch whose loss terms are not finite: a NaN loss only spreads (the weights follow),
+    and a NaN model would still predict, evaluate and export without complaint."""
+    import math
+
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return
+    kept = f"the checkpoint of epoch {last_saved + 1} is kept in {out}" if last_saved >= 0 else "nothing was saved"
+    cause = f"the learning rate is too high for this data (--lr {cfg.lr:g}; try --lr {cfg.lr / 10:g})"
+    if cfg.mixed_precision == "fp16":
+        cause += " or fp16 overflowed (try --mixed-precision bf16)"
+    raise CoregError(
+        f"epoch {epoch + 1}: the loss is not finite ({', '.join(f'{k}={metrics[k]}' for k in bad[:3])}); training stopped "
+        f"and {kept}. Likely cause: {cause}; start again with the changed option in a new OUT"
+    )
+
+
 def _save_model(out, method, model_config, save_model) -> None:
     weights = method.prediction_weights()
+    # The loss check catches almost every divergence; this one guarantees that no non-finite weights are ever
+    # written, whatever produced them.
+    bad = next((k for k, v in weights.items() if v.is_floating_point() and not bool(v.isfinite().all())), None)
+    if bad is not None:
+        raise CoregError(f"{out}: the weights hold non-finite values ({bad}); model.safetensors was not written and the "
+                         "last good checkpoint is kept. Lower --lr and start again in a new OUT")
     nets = sorted({k.split(".", 1)[0] for k in weights})
     predict_with = model_config["train_config"]["predict_with"] if len(nets) == 2 else "net1"
     save_model(out, weights=weights, config={**model_config, "nets": nets, "predict_with": predict_with})
@@ -291,12 +350,34 @@ def _test_accuracy(method, augment, images, labels, ctx) -> dict[str, float]:
     return {"test_acc": float(counts[0] / counts[2]), "test_acc_net1": float(counts[1] / counts[2])}
 
 
+# Loss terms the methods log beside their total `loss` (pipeline/coreg/step.py, pipeline/baselines/).
+LOSS_TERMS = ("partial_ce", "neg_entropy", "ce", "l_x", "l_u", "proto", "cont", "penalty")
+
+
+def _loss_text(m: dict, net: str = "net1") -> str:
+    """net1's loss with its terms. The warm-up loss is partial CE plus a *negative* entropy, so the total is
+    often below zero: printing the bare total reads like a bug, printing the sum does not."""
+    loss = m[f"{net}/loss"]
+    terms = {t: m[f"{net}/{t}"] for t in LOSS_TERMS if f"{net}/{t}" in m}
+    if not terms:
+        return f"{net}/loss={loss:.4f}"
+    if abs(sum(terms.values()) - loss) <= 1e-4 * max(1.0, abs(loss)):  # an unweighted sum: show it as one
+        return f"{net}/loss={loss:.4f} = " + " + ".join(f"{t} {v:.4f}" for t, v in terms.items())
+    if len(terms) == 1:  # e.g. dividemix's warm-up logs its CE, not the negative-entropy penalty added to it
+        (t, v), = terms.items()
+        return f"{net}/loss={loss:.4f} = {t} {v:.4f} + other terms {loss - v:.4f}"
+    return f"{net}/loss={loss:.4f} (" + ", ".join(f"{t} {v:.4f}" for t, v in terms.items()) + ")"
+
+
 def _summary(m: dict, epochs: int) -> str:
     parts = [f"epoch {m['epoch'] + 1}/{epochs}"]
     for k in ("net1/loss", "net1/n_p", "net1/n_u", "test_acc", "test_acc_net1", "images_per_second"):
         if k in m:
             v = m[k]
-            parts.append(f"{k}={v:.0f}" if k.startswith("net1/n_") or k == "images_per_second" else f"{k}={v:.4f}")
+            if k == "net1/loss":
+                parts.append(_loss_text(m))
+            else:
+                parts.append(f"{k}={v:.0f}" if k.startswith("net1/n_") or k == "images_per_second" else f"{k}={v:.4f}")
     parts.append(f"{m['epoch_seconds']:.1f}s")
     return "  ".join(parts)
 
