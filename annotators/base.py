@@ -1,7 +1,8 @@
 """The Annotator protocol: images in, an (N, C) class distribution and per-prompt top-1 votes out.
 
 Every annotator takes built objects in its constructor (so tests inject tiny random models) and has a
-`from_pretrained` factory. The work is split in two so decoding and model compute can overlap:
+`from_pretrained` factory; `annotators/factory.py` picks one by name. This module imports no concrete
+annotator (they import it), so the package's import graph has no cycle. The work is split in two so decoding and model compute can overlap:
 `prepare(img)` is the per-image CPU step (resize, crop; thread-safe, runs in the decoding threads) and
 `score(items)` runs the model on a batch of prepared items.
 """
@@ -106,25 +107,3 @@ def library_versions() -> dict[str, str]:
             continue
     out["python"] = platform.python_version()
     return out
-
-
-def load_annotator(annotator: str, *, classes: list[str], model: str = "", pretrained: str = "",
-                   templates: str = "paper27", questions: str = "default", device: str = "auto",
-                   max_new_tokens: int = 12, text_cache=None) -> Annotator:
-    """Build an annotator by name, e.g. from annotation.json to re-time it (`coreg evaluate`)."""
-    if annotator == "clip":
-        from annotators.clip import ClipAnnotator
-        from annotators.templates import load_templates
-
-        return ClipAnnotator.from_pretrained(model, pretrained, classes=classes, templates=load_templates(templates),
-                                             device=device, text_cache=text_cache)
-    if annotator == "llava":
-        from annotators.llava import LlavaAnnotator
-        from annotators.templates import load_questions
-
-        if pretrained:
-            raise CoregError("--pretrained is for CLIP; give LLaVA weights as --model (a hub id or a local folder)")
-        return LlavaAnnotator.from_pretrained(
-            model, classes=classes, questions=load_questions(questions), device=device, max_new_tokens=max_new_tokens
-        )
-    raise CoregError(f"--annotator {annotator!r}: unknown; use clip | llava | synthetic")

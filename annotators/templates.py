@@ -1,18 +1,30 @@
 """Prompt templates and LLaVA question wordings: built-in lists by name, or a user file; `{}` marks the class.
 
-The built-in lists are plain text files under data/ so they can be read, diffed and copied as a starting
-point for a user file (same format: one per line, `#` comments, blank lines ignored).
+The built-in lists are plain text files shipped inside the package (`annotators/prompts/`) and read through
+`importlib.resources`, so an installed wheel finds them as well as a checkout does. They can be read, diffed
+and copied as a starting point for a user file (same format: one per line, `#` comments, blank lines ignored):
+`python -c "from annotators.templates import builtin_text; print(builtin_text('paper27'))"`.
 """
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 from pipeline.errors import CoregError
 
-DATA = Path(__file__).resolve().parents[1] / "data"
-BUILTIN_TEMPLATES = {"paper27": DATA / "templates" / "paper27.txt", "imagenet80": DATA / "templates" / "imagenet80.txt"}
-BUILTIN_QUESTIONS = {"default": DATA / "llava_questions.txt"}
+BUILTIN_TEMPLATES = {"paper27": "paper27.txt", "imagenet80": "imagenet80.txt"}
+BUILTIN_QUESTIONS = {"default": "llava_questions.txt"}
+
+
+def builtin_text(name: str) -> str:
+    """The text of a built-in list ('paper27', 'imagenet80' or 'default' for the LLaVA questions)."""
+    file = {**BUILTIN_TEMPLATES, **BUILTIN_QUESTIONS}[name]
+    return resources.files("annotators").joinpath("prompts", file).read_text(encoding="utf-8")
+
+
+def _lines(text: str) -> list[str]:
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
 
 
 def _read_lines(path: Path, option: str) -> list[str]:
@@ -20,12 +32,12 @@ def _read_lines(path: Path, option: str) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise CoregError(f"{option} {path}: cannot read the file ({e.strerror})") from None
-    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    return _lines(text)
 
 
-def _resolve(value: str, builtin: dict[str, Path], option: str) -> list[str]:
+def _resolve(value: str, builtin: dict[str, str], option: str) -> list[str]:
     if value in builtin:
-        return _read_lines(builtin[value], option)
+        return _lines(builtin_text(value))
     path = Path(value)
     if not path.is_file():
         raise CoregError(f"{option} {value!r}: not a built-in ({' | '.join(builtin)}) and no such file")

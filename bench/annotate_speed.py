@@ -11,6 +11,8 @@ real model), then on the same few hundred images measures
 The floor is measured before and after the loop and averaged, to damp drift from other load on the machine.
 
     python bench/annotate_speed.py [DATA] [--n 320] [--batch-size 32] [--write bench/results/annotate_speed.md]
+
+`--model local-dir:PATH` times another open_clip model instead (tests/test_bench_smoke.py runs a tiny one).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--num-workers", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default="ViT-B-32", help="open_clip model name (random weights) or local-dir:PATH")
     ap.add_argument("--write", default=None, help="also write the table to this markdown file")
     args = ap.parse_args()
 
@@ -74,12 +77,14 @@ def main() -> None:
     from pipeline.config import AnnotateConfig
 
     load0 = os.getloadavg()[0]
-    rows, root, classes = pick_images(Path(args.data), args.n)
+    # Absolute paths: the stage run below symlinks these files from a temporary folder, and a relative
+    # target (e.g. DATA = ../shared/data/cifar10) would resolve against the link's folder, not the cwd.
+    rows, root, classes = pick_images(Path(args.data).resolve(), args.n)
     torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)  # random weights
-    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    model, _, preprocess = open_clip.create_model_and_transforms(args.model, pretrained=None)  # random weights
+    tokenizer = open_clip.get_tokenizer(args.model)
     t0 = time.perf_counter()
-    ann = ClipAnnotator(model, preprocess, tokenizer, classes=classes, templates=load_templates("paper27"), device=args.device, model_name="ViT-B-32")
+    ann = ClipAnnotator(model, preprocess, tokenizer, classes=classes, templates=load_templates("paper27"), device=args.device, model_name=args.model)
     text_s = time.perf_counter() - t0
 
     # pre-made batches for the floor: the exact tensors the model sees, prepared outside the timing
@@ -100,7 +105,8 @@ def main() -> None:
     floor = (floor_before + floor_after) / 2
 
     # the whole stage, with the same model object injected in place of from_pretrained
-    stage._build_annotator = lambda cfg, classes, state: ann
+    # Whatever the stage passes (config, classes, process state, text cache...), it gets this model.
+    stage._build_annotator = lambda *args, **kwargs: ann
     with tempfile.TemporaryDirectory() as tmp:
         img_dir = Path(tmp) / "img"
         for p, y in rows:
@@ -121,7 +127,7 @@ def main() -> None:
         f"| whole `coreg annotate` stage, {len(rows)} images | {len(rows) / stage_s:.1f} | {stage_s:.1f} s: scan, loop, shard writes, merge, annotation.json |",
         f"| once per run: text embeddings | - | {text_s:.1f} s for 27 templates x {len(classes)} classes (not in the rows above) |",
         "",
-        f"ViT-B-32 (random weights, {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M parameters), device {args.device}, "
+        f"{args.model} (random weights, {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M parameters), device {args.device}, "
         f"batch {args.batch_size}, {args.num_workers} decode threads, torch threads {torch.get_num_threads()}, "
         f"{os.cpu_count()} CPUs, {len(rows)} images from {Path(args.data).name} ({root.name}), "
         f"load average {load0:.1f} at start / {load1:.1f} at end (other jobs share the machine), "

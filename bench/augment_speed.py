@@ -1,11 +1,11 @@
 """How expensive are decoding and batch augmentation next to the student's own forward/backward pass?
 
-    python bench/augment_speed.py [--device cpu|cuda] [--threads 1] [--batch 512] [--size 32]
+    python bench/augment_speed.py [--device cpu|cuda] [--threads 1] [--batch 512] [--size 32] [--results FILE]
 
 Decodes the CIFAR-10 test images (10,000 JPEGs, /work/shared/data/cifar10/test by default) with
 `decode_images`, then times on one batch: weak and strong augmentation (`BatchAugment`) and one
 forward+backward pass of `small_cnn` and `preact_resnet18`. Appends a table to
-bench/results/augment_speed.md. Milliseconds are the median of several repeats after one warm-up.
+bench/results/augment_speed.md (`--results FILE` elsewhere, `--results ""` nowhere). Milliseconds are the median of several repeats after one warm-up.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--results", default=str(RESULTS), help='markdown file the table is appended to; "" = print only')
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -89,10 +90,13 @@ def main() -> None:
     ]
     text = "\n".join(lines) + "\n"
     print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    if not RESULTS.exists():
-        RESULTS.write_text("# Augmentation and decoding speed (bench/augment_speed.py)\n")
-    with RESULTS.open("a") as f:
+    if not args.results:
+        return
+    results = Path(args.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    if not results.exists():
+        results.write_text("# Augmentation and decoding speed (bench/augment_speed.py)\n")
+    with results.open("a") as f:
         f.write(text)
 
 

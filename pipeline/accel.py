@@ -1,6 +1,7 @@
 """Glue between the training loop and Accelerate (used by stages/train.py).
 
-- `make_dist`: the `pipeline.training.Dist` of this run (gather with or without gradient, all-reduce sum);
+- `make_dist`: the `pipeline.training.Dist` of this run (gather with or without gradient, all-reduce sum,
+  broadcast from rank 0);
 - `average_grads`: one flattened all-reduce of every gradient, used instead of DDP because Co-Reg and the
   two-network baselines run several forward passes per step;
 - `GracefulStop`: the first Ctrl-C finishes the epoch and saves it, a second one stops at once.
@@ -27,12 +28,19 @@ def make_dist(accelerator):
 
         return torch.cat(all_gather(t.contiguous()))
 
+    def broadcast(t):
+        import torch.distributed
+
+        torch.distributed.broadcast(t, src=0)  # in place; Accelerate initialised the default process group
+        return t
+
     return Dist(
         rank=accelerator.process_index,
         world=accelerator.num_processes,
         gather=gather,
         gather_grad=gather_grad,
         all_reduce_sum=lambda t: accelerator.reduce(t.clone(), "sum"),
+        broadcast=broadcast,
     )
 
 

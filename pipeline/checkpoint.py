@@ -1,8 +1,10 @@
 """Resumable training checkpoints: everything a run needs to continue exactly where it stopped.
 
 One file, `OUT/checkpoint.pt`, replaced atomically after each saved epoch: every module's state (networks,
-momentum encoders, queues, prototypes, loss histories), every optimiser, the method's extra tensors, the
-epoch, the resolved config and the RNG states. Because all training randomness is counter-based (see
+momentum encoders, queues, prototypes, loss histories), every optimiser, the fp16 gradient scaler (its loss
+scale and growth tracker: without them a resume would restart the scale and skip steps while it re-learns
+it), the method's extra tensors, the epoch, the resolved config and the RNG states. It holds only tensors and
+plain Python values, so it is read with `torch.load(weights_only=True)`: loading runs no pickled code. Because all training randomness is counter-based (see
 pipeline/training.py), resuming from epoch k gives the same weights as an uninterrupted run.
 """
 
@@ -22,7 +24,8 @@ CHECKPOINT = "checkpoint.pt"
 RESUME_FREE = {"resume", "num_workers", "tensorboard", "out", "annotated", "save_every", "epochs", "compile"}
 
 
-def save_checkpoint(out: Path, *, epoch: int, method, config: dict) -> None:
+def save_checkpoint(out: Path, *, epoch: int, method, config: dict, scaler=None) -> None:
+    """`scaler`: the run's `torch.amp.GradScaler` (Accelerate's `accelerator.scaler`; None unless fp16)."""
     state = {
         "epoch": epoch,
         "config": config,
@@ -30,6 +33,7 @@ def save_checkpoint(out: Path, *, epoch: int, method, config: dict) -> None:
         "optimizers": {k: o.state_dict() for k, o in method.optimizers().items()},
         "extra": method.extra_state(),
         "rng": {"torch": torch.get_rng_state()},
+        "scaler": scaler.state_dict() if scaler is not None else None,
     }
     fd, tmp = tempfile.mkstemp(dir=out, prefix=".checkpoint.", suffix=".tmp")
     os.close(fd)
@@ -79,7 +83,7 @@ def check_resumable(out: Path, config: dict) -> dict:
     if not path.is_file():
         raise CoregError(f"{out}: --resume given but there is no {CHECKPOINT}; start without --resume")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CoregError(f"{path}: cannot read the checkpoint ({type(e).__name__}); delete it to start over") from None
     old = state.get("config", {})
@@ -97,13 +101,16 @@ def check_resumable(out: Path, config: dict) -> dict:
     return state
 
 
-def restore(state: dict, method) -> int:
-    """Load a checkpoint's state into a freshly built method; returns the first epoch still to run."""
+def restore(state: dict, method, scaler=None) -> int:
+    """Load a checkpoint's state into a freshly built method (and the fp16 gradient scaler, when the run has
+    one); returns the first epoch still to run."""
     mods, opts = method.modules(), method.optimizers()
     for k, m in mods.items():
         m.load_state_dict(state["modules"][k])
     for k, o in opts.items():
         o.load_state_dict(state["optimizers"][k])
     method.load_extra_state(state.get("extra", {}))
+    if scaler is not None and state.get("scaler"):  # fp16 is a resume-checked option: both sides agree
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
     return int(state["epoch"]) + 1

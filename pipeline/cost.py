@@ -62,7 +62,8 @@ def measure_vlm(info: dict, classes: list[str], images: list, *, device, batch_s
     """
     import torch
 
-    from annotators.base import annotate_images, load_annotator
+    from annotators.base import annotate_images
+    from annotators.factory import load_annotator
 
     kind = info.get("annotator")
     if kind not in ("clip", "llava"):

@@ -13,14 +13,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import PIL.Image
-import PIL.ImageOps
 import torch
 from torch import Tensor
 
 from pipeline.errors import CoregError
+from pipeline.images import to_rgb
 
 PREPROCESSING = (
-    "EXIF orientation applied; converted to RGB; shorter side resized to image_size px (PIL bicubic, "
+    "EXIF orientation applied; converted to RGB (transparency composited on white, 16-bit and float greys "
+    "scaled by their range, palette and CMYK through PIL); shorter side resized to image_size px (PIL bicubic, "
     "antialiased), longer side to round(long * image_size / short); centre crop to image_size x image_size "
     "(offsets rounded as torchvision center_crop); uint8; then x/255 normalised with the per-channel "
     "mean/std in config.json"
@@ -33,14 +34,9 @@ _CHUNK = 1024  # rows decoded per chunk: bounds the raw bytes held in memory at 
 
 def image_to_tensor(img: PIL.Image.Image, size: int) -> Tensor:
     """(3, size, size) uint8 RGB, see PREPROCESSING. Images that are already size x size RGB are untouched."""
-    # datasets' Image() decoder applies EXIF orientation too, so files and dataset rows agree.
-    if img.getexif().get(PIL.Image.ExifTags.Base.Orientation) is not None:
-        img = PIL.ImageOps.exif_transpose(img)
-    if img.mode != "RGB":
-        # Palette images with transparency must pass through RGBA or PIL warns and may pick odd colours.
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")
-        img = img.convert("RGB")
+    # The same conversion as annotate and predict (alpha on white, 16-bit scaled, CMYK, EXIF rotation): a
+    # hand-made dataset may hold any PIL mode, and a naive .convert("RGB") disagrees with `to_rgb` on several.
+    img = to_rgb(img)
     w, h = img.size
     if (w, h) != (size, size):
         scale = size / min(w, h)

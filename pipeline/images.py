@@ -1,6 +1,7 @@
 """Finding and reading images: which files count, how any PIL mode becomes correct RGB, and the folder layout.
 
-Used by `coreg annotate` (the folder → splits, labels and classes) and `coreg predict` (files → RGB).
+Used by `coreg annotate` (the folder → splits, labels and classes) and `coreg predict` (files → RGB); `to_rgb`
+is also the conversion of `pipeline.data.image_to_tensor`, so training and evaluation read the same pixels.
 Reading never raises on a bad file: `load_rgb` returns None and the caller counts and lists the file, so one
 broken image cannot cost a long run its other results.
 """
@@ -110,8 +111,14 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL image as 8-bit RGB, upright, with transparency composited on white."""
-    img = ImageOps.exif_transpose(img)  # phone photos store rotation as a tag, not in the pixels
+    """Any PIL image as 8-bit RGB, upright, with transparency composited on white.
+
+    The one conversion of every reader: annotate and predict (files), train and evaluate (dataset rows, via
+    `pipeline.data.image_to_tensor`), so the student trains on the pixels it later predicts on. An upright
+    RGB image is returned as is (no copy): training decodes every row through here.
+    """
+    if img.getexif().get(0x0112, 1) != 1:  # 0x0112 = Orientation: phone photos store rotation as a tag
+        img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         img = _to_8bit(img)
     if img.mode == "P":  # palette: go through RGBA when it has a transparent colour

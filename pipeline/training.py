@@ -36,6 +36,7 @@ class Dist:
     `gather(t)`: concatenate a tensor's rows from every process in rank order, no gradient.
     `gather_grad(t)`: the same, but gradients flow back to each process's own rows.
     `all_reduce_sum(t)`: elementwise sum over processes.
+    `broadcast(t)`: rank 0's values of `t` on every process (in place; returns `t`).
     """
 
     rank: int = 0
@@ -43,12 +44,57 @@ class Dist:
     gather: Callable[[Tensor], Tensor] = lambda t: t
     gather_grad: Callable[[Tensor], Tensor] = lambda t: t
     all_reduce_sum: Callable[[Tensor], Tensor] = lambda t: t
+    broadcast: Callable[[Tensor], Tensor] = lambda t: t
 
     def rows(self, n: int) -> slice:
         """This process's share of a global batch of n rows (n must be divisible by world)."""
         assert n % self.world == 0, f"global batch {n} not divisible by {self.world} processes"
         per = n // self.world
         return slice(self.rank * per, (self.rank + 1) * per)
+
+    def shard(self, n: int) -> range:
+        """This process's rows of a pass over all n rows (division, test, evaluate): contiguous blocks of
+        ceil(n / world) rows in rank order, disjoint and covering 0..n-1; the last blocks may be short or
+        empty. The one place this arithmetic lives; `gather_shards` undoes it."""
+        per = -(-n // self.world)
+        return range(min(self.rank * per, n), min((self.rank + 1) * per, n))
+
+    def gather_shards(self, t: Tensor, n: int) -> Tensor:
+        """All n rows, in order, of a per-row tensor of which each process holds its `shard(n)` rows.
+
+        The gather needs equal shapes, so every block is padded to ceil(n / world) rows; since only the blocks
+        after the last full one are short, the first n gathered rows are exactly rows 0..n-1.
+        """
+        per = -(-n // self.world)
+        pad = t.new_zeros((per - t.shape[0], *t.shape[1:]))
+        return self.gather(torch.cat([t, pad]))[:n]
+
+
+def sync_buffers(module: nn.Module, dist: Dist) -> None:
+    """Give every process rank 0's buffers of `module` (BatchNorm running statistics, above all).
+
+    Without DDP (gradients are all-reduced by hand, pipeline/accel.py) nothing else does this: each process's
+    BatchNorm tracks the statistics of its own rows, so an eval-mode pass would use different statistics on
+    each rank, and a division or test pass assembled from the ranks' shards would mix several networks. Call
+    it on every process, at the same point, before each eval-mode pass whose results are gathered (DDP's
+    `broadcast_buffers` does the same before every forward). Rank 0's buffers are also the ones saved.
+    One broadcast per dtype; a no-op on one process.
+    """
+    if dist.world == 1:
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for b in module.buffers():
+        by_dtype.setdefault(b.dtype, []).append(b)
+    for dtype, bufs in by_dtype.items():
+        flat = torch.cat([b.detach().reshape(-1) for b in bufs])
+        if dtype == torch.bool:  # gloo cannot broadcast bools (e.g. a queue's confidence flags)
+            flat = dist.broadcast(flat.to(torch.uint8)).bool()
+        else:
+            flat = dist.broadcast(flat)
+        offset = 0
+        for b in bufs:
+            b.data.copy_(flat[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
 
 
 @dataclass

@@ -108,7 +108,7 @@ def _process_state(device: str):
 
 
 def _build_annotator(cfg: AnnotateConfig, classes: list[str], state, text_cache=None):
-    from annotators.base import load_annotator
+    from annotators.factory import load_annotator
 
     device = cfg.device
     if cfg.device == "auto" and state.device is not None:

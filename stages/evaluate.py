@@ -65,12 +65,6 @@ def run(cfg: EvaluateConfig) -> Path:
     return evaluate(cfg, ds, classes, info=read_annotation_info(cfg.annotated), out=out)
 
 
-def shard(n: int, rank: int, world: int) -> range:
-    """This process's contiguous rows; shards are disjoint and cover 0..n-1 (the last ones may be short)."""
-    per = -(-n // world)
-    return range(min(rank * per, n), min((rank + 1) * per, n))
-
-
 def merge_shards(parts: list[tuple[list[int], dict]], n: int) -> dict:
     """Per-net (n, C) arrays from each process's (row ids, per-net arrays); every row exactly once."""
     import numpy as np
@@ -108,11 +102,12 @@ def evaluate(cfg: EvaluateConfig, ds, classes: list[str], *, info: dict, out: Pa
     from accelerate.utils import gather_object
 
     from pipeline.model_io import load_model
+    from pipeline.training import Dist
 
     accelerator = Accelerator(cpu=cfg.cpu)
     main = accelerator.is_main_process
     model = load_model(cfg.model, device=accelerator.device)
-    mine = shard(len(ds), accelerator.process_index, accelerator.num_processes)
+    mine = Dist(rank=accelerator.process_index, world=accelerator.num_processes).shard(len(ds))
     logits, seconds = predict_rows(model, ds, mine, batch_size=cfg.batch_size, progress=main)
     parts = gather_object([(list(mine), logits, seconds)])
     if main:

@@ -111,7 +111,7 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
     from pipeline.data import PREPROCESSING, channel_stats, decode_images, default_image_size
     from pipeline.model_io import library_versions, save_model
     from pipeline.networks import build_student
-    from pipeline.training import Context
+    from pipeline.training import Context, sync_buffers
 
     out = Path(cfg.out)
     mp = cfg.mixed_precision
@@ -172,7 +172,7 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
     resolved = {**dataclasses.asdict(cfg), "image_size": size, "mixed_precision": mp}
     start = 0
     if cfg.resume and (out / ckpt.CHECKPOINT).exists():
-        start = ckpt.restore(ckpt.check_resumable(out, resolved), method)
+        start = ckpt.restore(ckpt.check_resumable(out, resolved), method, scaler=accelerator.scaler)
         if main:
             print(f"resuming {out} at epoch {start}")
     elif cfg.resume:
@@ -208,6 +208,11 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
     with stop:
         for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
+            # BatchNorm running statistics drift apart on each process (no DDP); the epoch's eval-mode
+            # division pass runs before any training in it, so rank 0's statistics everywhere make that pass
+            # (and its gathered division) the one network rank 0 saves. See `sync_buffers` for the other calls.
+            for m in method.modules().values():
+                sync_buffers(m, ctx.dist)
             metrics = method.train_epoch(epoch, ctx)
             # The metrics are process-averaged, so every process takes the same decision here, before this
             # epoch's weights can reach model.safetensors or the checkpoint (both keep the last good epoch).
@@ -215,6 +220,8 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
             seconds = time.perf_counter() - t0
             metrics = {"epoch": epoch, **metrics, "epoch_seconds": seconds, "images_per_second": rows_per_epoch / max(seconds, 1e-9)}
             if test is not None:
+                for m in method.modules().values():  # the test pass is in eval mode too, after this epoch's training
+                    sync_buffers(m, ctx.dist)
                 metrics.update(_test_accuracy(method, augment, *test, ctx))
             if main:
                 with open(out / "metrics.jsonl", "a") as f:
@@ -228,7 +235,7 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
                 accelerator.wait_for_everyone()
                 if main:
                     _save_model(out, method, model_config, save_model)
-                    ckpt.save_checkpoint(out, epoch=epoch, method=method, config=resolved)
+                    ckpt.save_checkpoint(out, epoch=epoch, method=method, config=resolved, scaler=accelerator.scaler)
                 last_saved = epoch
             if stopping:
                 if main:
@@ -332,8 +339,8 @@ def _test_accuracy(method, augment, images, labels, ctx) -> dict[str, float]:
     import torch
 
     dist = ctx.dist
-    per = -(-images.shape[0] // dist.world)
-    mine = torch.arange(dist.rank * per, min((dist.rank + 1) * per, images.shape[0]), device=images.device)
+    rows = dist.shard(images.shape[0])
+    mine = torch.arange(rows.start, rows.stop, device=images.device)
     known = labels[mine] >= 0
     counts = torch.zeros(3, device=images.device, dtype=torch.float64)
     with torch.no_grad():

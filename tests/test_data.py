@@ -35,7 +35,7 @@ def test_image_to_tensor_is_a_no_op_on_square_rgb_of_the_right_size():
 def test_image_to_tensor_converts_grey_and_rgba_to_rgb():
     grey = PIL.Image.new("L", (8, 8), 77)
     assert torch.equal(image_to_tensor(grey, 8), torch.full((3, 8, 8), 77, dtype=torch.uint8))
-    rgba = PIL.Image.new("RGBA", (8, 8), (1, 2, 3, 4))
+    rgba = PIL.Image.new("RGBA", (8, 8), (1, 2, 3, 255))  # opaque: its colour (transparent: white, test_image_path)
     assert image_to_tensor(rgba, 8)[:, 0, 0].tolist() == [1, 2, 3]
 
 

@@ -20,6 +20,7 @@ from pipeline.cli import app
 from pipeline.config import EvaluateConfig
 from pipeline.errors import CoregError
 from pipeline.schema import features
+from pipeline.training import Dist
 from stages import evaluate
 
 # cat=0 dog=1 fox=2; the student always says dog
@@ -152,7 +153,7 @@ def test_bad_input_gives_one_line_errors(tmp_path, model):
 
 def test_shards_cover_every_row_exactly_once():
     for n, world in ((7, 3), (2, 4), (10, 1)):
-        shards = [evaluate.shard(n, r, world) for r in range(world)]
+        shards = [Dist(rank=r, world=world).shard(n) for r in range(world)]
         assert sorted(i for s in shards for i in s) == list(range(n))
     # merging restores row order whatever order the processes report in
     parts = [([3, 4], {"net1": np.array([[3.0], [4.0]])}), ([0, 1, 2], {"net1": np.array([[0.0], [1.0], [2.0]])})]

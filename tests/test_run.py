@@ -109,8 +109,8 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, clip, monkey
 
     real = checkpoint.save_checkpoint
 
-    def save_then_stop(out_dir, *, epoch, method, config):
-        real(out_dir, epoch=epoch, method=method, config=config)
+    def save_then_stop(out_dir, *, epoch, method, config, scaler=None):
+        real(out_dir, epoch=epoch, method=method, config=config, scaler=scaler)
         raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_stop)

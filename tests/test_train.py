@@ -163,7 +163,7 @@ def test_ctrl_c_saves_the_epoch_and_resume_finishes(ann, tmp_path):
     rest = p.communicate(timeout=300)[0]
     assert p.returncode == 130, rest
     assert "stopped after epoch" in rest
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)  # plain tensors and values only
     logged = (out / "metrics.jsonl").read_text().splitlines()
     assert len(logged) == state["epoch"] + 1 < 200
     r = train(ann, out, "--epochs", str(state["epoch"] + 3), "--resume")
@@ -180,3 +180,17 @@ def test_collapse_warning(capsys):
     out = capsys.readouterr().out
     assert out.startswith("warning: epoch 5: net2 predicts only 2 of 3 classes") and "--prior-penalty" in out
     assert out.count("\n") == 1
+
+
+def test_buffers_are_synced_before_each_epoch_and_each_test_pass(ann, tmp_path, monkeypatch):
+    """The loop calls `sync_buffers` on every module before the epoch (its eval-mode division pass) and
+    before the test pass; the 2-process behaviour of the helper is in test_train_distributed.py."""
+    import pipeline.training
+
+    calls = []
+    real = pipeline.training.sync_buffers
+    monkeypatch.setattr(pipeline.training, "sync_buffers", lambda m, dist: calls.append(type(m).__name__) or real(m, dist))
+    r = train(ann, tmp_path / "m", "--epochs", "2")
+    assert r.exit_code == 0, r.output
+    n_modules = len(calls) // 4  # 2 epochs x (epoch start + test pass)
+    assert n_modules >= 2 and len(calls) == 4 * n_modules

@@ -1,0 +1,57 @@
+"""Every speed benchmark still runs: each script on a tiny image folder, in a fresh process, as a user runs it.
+
+Sizes are a few images so each script takes seconds beyond its imports; the numbers are meaningless, the
+point is that a change in the code they drive (a new argument, a moved function) breaks this test instead of
+the benchmark silently. Their tables go to temporary files, never to bench/results/.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import make_image_folder, make_tiny_clip
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bench")
+    make_image_folder(root / "cifar", classes=("cat", "dog", "bird"), n_per_class=4, size=32, split=("train", "test"), fmt="jpg")
+    return root
+
+
+def bench(script: str, *args: str, cwd: Path) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=cwd, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, f"{script}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+def test_annotate_speed(data):
+    clip = make_tiny_clip(data / "clip")
+    # DATA relative to the working directory: the stage run symlinks its images, and must resolve them.
+    out = bench("annotate_speed.py", "cifar", "--n", "6", "--batch-size", "3", "--num-workers", "1", "--model", clip,
+                "--write", str(data / "annotate.md"), cwd=data)
+    assert "loop / floor" in out and "whole `coreg annotate` stage, 6 images" in out
+    assert (data / "annotate.md").read_text().startswith("# `coreg annotate` speed")
+
+
+def test_augment_speed(data):
+    out = bench("augment_speed.py", "--data", str(data / "cifar" / "test"), "--batch", "8", "--size", "16",
+                "--repeats", "1", "--results", str(data / "augment.md"), cwd=data)
+    assert "preact_resnet18 forward+backward" in out and "decode_images: 12 CIFAR-10 JPEGs" in out
+    assert (data / "augment.md").is_file()
+
+
+def test_train_speed(data):
+    out = bench("train_speed.py", str(data / "cifar"), "--n", "24", "--batch-size", "8", "--repeats", "1",
+                "--threads", "1", "--cpu", "--out", str(data / "train.md"), cwd=data)
+    assert "median ratio pipeline / floor" in out
+    assert "| 1 |" in (data / "train.md").read_text()
