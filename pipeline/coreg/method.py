@@ -98,12 +98,15 @@ class CoReg(TwoNetworks):
         net, opt = self.wrapped[n], self.opts[n]
         self.raw[n].train()
         rows = torch.arange(ctx.n, device=ctx.device)
-        total = steps_per_epoch(ctx.n, batch_size=2 * self.cfg.batch_size, world=ctx.dist.world)
+        # --warmup-loss vlm (not in the paper) trains like the kd baseline: batch B on weak views, so at the
+        # switch the network has had as many steps as `kd` on the same epochs; paper: batch 2B, strong views
+        ranked = self.cfg.warmup_loss == "vlm"
+        bs = self.cfg.batch_size if ranked else 2 * self.cfg.batch_size
+        total = steps_per_epoch(ctx.n, batch_size=bs, world=ctx.dist.world)
         sums: dict[str, float] = {}
         counts = torch.zeros(self.C, device=ctx.device)  # argmax per class over this epoch's (strong) views
-        batches = iterate_batches(rows, batch_size=2 * self.cfg.batch_size, generator=ctx.rng("warm-order", epoch, i), dist=ctx.dist)
-        # --warmup-loss vlm (not in the paper): the annotator's ranking inside the set as a soft target
-        targets = ranked_targets(ctx.vlm_probs, cand) if self.cfg.warmup_loss == "vlm" else None  # (N, C)
+        batches = iterate_batches(rows, batch_size=bs, generator=ctx.rng("warm-order", epoch, i), dist=ctx.dist)
+        targets = ranked_targets(ctx.vlm_probs, cand) if ranked else None  # (N, C) the annotator's ranking inside the set
         for step, (glob, loc, _) in enumerate(ctx.progress(batches, total, f"warm-up {n}")):
             opt.zero_grad(set_to_none=True)
             out = warmup_step(ctx, net, idx=loc, n=glob.numel(), candidates=cand, keys=("warm", epoch, i, step), targets=targets)
@@ -136,6 +139,8 @@ class CoReg(TwoNetworks):
             probs = distribution_align(probs, mean_probs=probs.mean(0))
         loss = self.history[n].push(minmax(division_loss(probs, cand)))  # (N,) mean of the last epochs
         scores = masked_scores(probs, cand)  # (N, C): trusted rows are one-hot since their set is
+        if self.cfg.partner_scores == "vlm":  # not in the paper: the annotator's ranking inside the set too
+            scores = masked_scores(probs * ctx.vlm_probs, cand)  # product of the two experts, renormalised
         seed = derive_seed(ctx.seed, "gmm", epoch, i) % 2**32
         if self.cfg.division == "class":  # not in the paper: one GMM per class picked inside the set
             w = torch.as_tensor(classwise_clean_prob(loss.cpu().numpy(), scores.argmax(1).cpu().numpy(), seed=seed))
@@ -217,7 +222,7 @@ def build(cfg, *, num_classes: int, make_net: Callable[[], nn.Module], num_rows:
 
     if cfg.contrast not in ("noisy", "supcon"):
         raise CoregError(f"--contrast {cfg.contrast!r} is unknown; choose noisy or supcon")
-    for name, allowed in (("division", ("global", "class")), ("epoch_steps", ("p", "all")), ("warmup_loss", ("paper", "vlm"))):
+    for name, allowed in (("division", ("global", "class")), ("epoch_steps", ("p", "all")), ("warmup_loss", ("paper", "vlm")), ("partner_scores", ("net", "vlm"))):
         if getattr(cfg, name) not in allowed:
             raise CoregError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is unknown; choose {' or '.join(allowed)}")
     if cfg.prior_penalty < 0:

@@ -201,10 +201,15 @@ def warmup_step(
     """§3.1: partial cross-entropy + negative entropy on a strong view of every row. Returns the terms and
     the softmax outputs. (The code also writes these into its distribution-alignment buffer; here DA uses
     the whole division pass instead, see method.py, so they are returned for callers that want them.)
-    With `targets` (N, C) (`--warmup-loss vlm`, not in the paper) the loss is the soft CE to targets[idx]."""
+    With `targets` (N, C) (`--warmup-loss vlm`, not in the paper) the loss is the soft CE to targets[idx], on
+    a weak view."""
     aug = ctx.augment
-    params = aug.select(aug.sample_strong(n, ctx.rng(*keys, "s")), ctx.dist.rows(n))
-    x = aug.apply_strong(ctx.images[idx], params)
+    if targets is not None:  # the ranked warm-up trains on weak views, like the kd baseline
+        params = aug.select(aug.sample_weak(n, ctx.rng(*keys, "w")), ctx.dist.rows(n))
+        x = aug.apply_weak(ctx.images[idx], params)
+    else:
+        params = aug.select(aug.sample_strong(n, ctx.rng(*keys, "s")), ctx.dist.rows(n))
+        x = aug.apply_strong(ctx.images[idx], params)
     with ctx.autocast():
         logits = net(x).float()  # (b, C)
     if targets is not None:  # every process holds the same number of rows: the local mean averages right
