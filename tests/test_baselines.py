@@ -39,10 +39,13 @@ def make_ctx(seed: int = 0, diag: bool = True) -> Context:
 
 
 def make_method(name: str, **over):
+    from pipeline.presets import resolve
+
     cfg = TrainConfig(
-        annotated="", out="", method=name, arch="small_cnn", epochs=4, warmup_epochs=1, batch_size=8,
+        annotated="", out="", method=name, preset="paper", arch="small_cnn", epochs=4, warmup_epochs=1, batch_size=8,
         queue_size=32, proj_dim=16, rampup_epochs=1, pico_prot_start=0, **over,
     )
+    cfg = resolve(cfg, n_rows=N, gpu=False)[0]
     torch.manual_seed(0)
     make_net = lambda: build_student("small_cnn", num_classes=C, image_size=S, proj_dim=16)  # noqa: E731
     m = get_method_module(name).build(cfg, num_classes=C, make_net=make_net, num_rows=N)

@@ -130,3 +130,39 @@ def test_prediction_balance():
     assert prediction_balance(torch.tensor([10, 6, 0, 4])) == {"pred_classes": 3.0, "pred_min_share": 0.0}
     out = prediction_balance(torch.tensor([6.0, 3.0, 1.0]))  # smallest share 0.1, times C = 0.3
     assert out["pred_classes"] == 3.0 and math.isclose(out["pred_min_share"], 0.3, rel_tol=1e-6)
+
+
+def test_classwise_division_keeps_a_class_the_global_gmm_starves():
+    """`--division class`: class 1's rows all have higher losses than class 0's (the network is unsure of
+    class 1), so one global GMM sends every class-1 row to U; per class, the low-loss rows of each class
+    stay in P, and the ranking inside each class is kept."""
+    from pipeline.coreg.division import classwise_clean_prob
+
+    rng = np.random.default_rng(0)
+    clean0, noisy0 = rng.normal(0.05, 0.01, 40), rng.normal(0.3, 0.02, 10)
+    clean1, noisy1 = rng.normal(0.6, 0.01, 40), rng.normal(0.9, 0.02, 10)
+    loss = np.concatenate([clean0, noisy0, clean1, noisy1])
+    group = np.repeat([0, 0, 1, 1], [40, 10, 40, 10])
+    glob = gmm_clean_prob(loss, seed=0)
+    assert (glob[group == 1] > 0.5).sum() == 0  # the global split starves class 1
+    w = classwise_clean_prob(loss, group, seed=0)
+    assert (w[:40] > 0.5).all() and (w[50:90] > 0.5).all()  # each class's clean rows in P
+    assert (w[40:50] < 0.5).all() and (w[90:] < 0.5).all()  # each class's noisy rows in U
+    assert classwise_clean_prob(np.array([0.1, 0.5, 0.9]), np.array([0, 1, 1]), seed=0)[0] == 1.0  # a lone row
+
+
+def test_ranked_targets_and_warmup_loss_exact():
+    from pipeline.coreg.losses import ranked_targets, ranked_warmup_loss
+
+    vlm = torch.tensor([[0.5, 0.3, 0.2], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [0.0, 0.0, 1.0]])
+    cand = torch.tensor([[1, 1, 0], [0, 1, 1], [0, 0, 0], [1, 1, 0]], dtype=torch.bool)
+    t = ranked_targets(vlm, cand)
+    assert torch.allclose(t[0], torch.tensor([0.625, 0.375, 0.0]))  # renormalised inside the set
+    assert torch.allclose(t[1], torch.tensor([0.0, 0.75, 0.25]))
+    assert torch.allclose(t[2], vlm[2])  # empty set: the annotator's distribution as it is
+    assert torch.allclose(t[3], torch.tensor([0.5, 0.5, 0.0]))  # no mass inside the set: uniform over it
+    logits = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    out = ranked_warmup_loss(logits, t[:2])
+    logp = logits.log_softmax(1)
+    want = -((t[:2] * logp).sum(1)).mean()
+    assert torch.allclose(out["loss"], want) and torch.allclose(out["soft_ce"], want)

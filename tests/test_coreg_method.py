@@ -64,7 +64,10 @@ def make_ctx(*, seed=0, data_seed=0, eta=0.3, q=0.3, clean=False, empty=(), all_
 def make_cfg(**kw) -> TrainConfig:
     base = dict(annotated="-", out="-", arch="small_cnn", epochs=4, batch_size=8, warmup_epochs=1, queue_size=32,
                 start_cont=0, proj_dim=16)  # fmt: skip
-    return TrainConfig(**{**base, **kw})
+    from pipeline.presets import resolve
+
+    # the paper's mechanics unless a test says otherwise; the preset fills what is not given (like the CLI)
+    return resolve(TrainConfig(**{"preset": "paper", **base, **kw}), n_rows=N, gpu=False)[0]
 
 
 def make_method(cfg):
@@ -423,3 +426,35 @@ def test_prior_penalty_option():
     assert float(prior_penalty(torch.tensor([[10.0, 0, 0]] * 4).softmax(1))) > 1.0  # a collapsed one does
     with pytest.raises(CoregError, match="--prior-penalty"):
         make_method(make_cfg(prior_penalty=-1.0))
+
+
+def test_default_preset_mechanisms_run_and_take_n_over_b_steps(monkeypatch):
+    """The default preset's mechanisms (not in the paper): the ranked warm-up (soft CE to the annotator's
+    probabilities inside the set), the class-wise division, N/B steps per post-warm-up epoch whatever |P|, and
+    partner scores times the annotator's probabilities."""
+    import pipeline.coreg.method as method_mod
+
+    cfg = make_cfg(division="class", epoch_steps="all", warmup_loss="vlm", partner_scores="vlm")
+    ctx = make_ctx()
+    calls = []
+    real = method_mod.coreg_step
+    monkeypatch.setattr(method_mod, "coreg_step", lambda *a, **k: calls.append(k["p_idx"].numel()) or real(*a, **k))
+    m, metrics = run(cfg, ctx, range(2))
+    w, c = metrics
+    assert {"net1/soft_ce", "net2/soft_ce"} <= w.keys() and "net1/partial_ce" not in w and all_finite(w)
+    assert w["net1/loss"] == pytest.approx(w["net1/soft_ce"])
+    assert all_finite(c)
+    # N // B steps per network (drop_last over all N rows), each with a full P batch from the cycling loader,
+    # where the paper's one pass over P would take ceil(|P| / B)
+    assert len(calls) == 2 * (N // cfg.batch_size)
+    assert all(n == min(cfg.batch_size, int(c["net1/n_p"]), int(c["net2/n_p"])) for n in calls) or all(n == cfg.batch_size for n in calls)
+    div = m._divide(2, 0, "net1", ctx, m._candidates(ctx))
+    assert (div["scores"][~ctx.candidates] == 0).all()  # partner scores stay inside the set
+    assert torch.allclose(div["scores"].sum(1), torch.ones(N))
+
+
+def test_bad_mechanism_option_is_refused():
+    from pipeline.errors import CoregError
+
+    with pytest.raises(CoregError, match="--division"):
+        make_method(make_cfg(division="perclass"))
