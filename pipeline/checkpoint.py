@@ -94,8 +94,11 @@ def check_resumable(out: Path, config: dict) -> dict:
         shown = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} -> {config.get(k)!r}" for k in diff[:4] if k in old)
         if shown and len(diff) > 4:
             shown += f" and {len(diff) - 4} more"
+        hint = ""
+        if config.get("preset") == "default" and old.get("epochs") != config.get("epochs"):
+            hint = " (the default preset derives the schedule from --epochs: keep --epochs, or give these options explicitly)"
         raise CoregError(
-            f"{out}: the checkpoint was written with other options ({shown or ', '.join(diff)}); "
+            f"{out}: the checkpoint was written with other options ({shown or ', '.join(diff)}){hint}; "
             "resume with the original options or train into a new OUT"
         )
     return state

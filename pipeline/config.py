@@ -1,8 +1,8 @@
 """One flat, frozen dataclass per stage: each knob has one default here; typer options read these defaults;
 every run writes its resolved config beside its output (DESIGN.md habit 2).
 
-Defaults of `TrainConfig` are the published Co-Reg values (shared/docs/coreg-method.md §4) unless a comment
-says otherwise.
+`TrainConfig` options left at None / "" are filled by `--preset` (pipeline/presets.py): `paper` = the
+published Co-Reg values (docs/method.md §4), `default` = derived from the run (docs/method.md §7).
 """
 
 from __future__ import annotations

@@ -79,7 +79,9 @@ def train_fingerprints(cfg: TrainConfig, data_fp: str) -> tuple[str, str]:
 
     opts = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in {"annotated", "out", "resume"}}
     resumable = {k: v for k, v in opts.items() if k not in RESUME_FREE}
-    if cfg.lr_period in (0, None):  # the cosine follows the run length (also under the default preset): other epochs, other run
+    derived = ("warmup_epochs", "rampup_epochs", "start_cont", "gmm_history", "lr_period")
+    if cfg.lr_period == 0 or (cfg.preset == "default" and any(getattr(cfg, k) is None for k in derived)):
+        # the cosine (--lr-period 0) or the default preset's schedule follows the run length: other epochs, other run
         resumable["epochs"] = cfg.epochs
     return fingerprint({"options": opts, "data": data_fp}), fingerprint({"options": resumable, "data": data_fp})
 

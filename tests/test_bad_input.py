@@ -12,7 +12,8 @@ from pipeline.cli import app
 from tests.annotated import make_rows
 
 runner = CliRunner()
-TINY = ["--arch", "small_cnn", "--batch-size", "8", "--warmup-epochs", "1", "--queue-size", "32", "--num-workers", "0"]
+TINY = ["--arch", "small_cnn", "--batch-size", "8", "--warmup-epochs", "1", "--queue-size", "32", "--num-workers", "0",
+        "--lr-period", "800", "--rampup-epochs", "1", "--start-cont", "1", "--gmm-history", "1"]  # a schedule not following --epochs
 CLASSES = ["red", "green", "blue"]
 
 

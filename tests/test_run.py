@@ -15,6 +15,7 @@ CLASSES = ("cat", "dog", "bird")
 TINY = [
     "--arch", "small_cnn", "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "8", "--image-size", "16",
     "--queue-size", "32", "--num-workers", "0", "--cpu", "--device", "cpu", "--templates", "imagenet80",
+    "--lr-period", "800", "--rampup-epochs", "1", "--start-cont", "1", "--gmm-history", "1",  # not following --epochs
 ]  # fmt: skip
 runner = CliRunner()
 
@@ -169,13 +170,15 @@ def test_fingerprints_follow_options_and_files(tmp_path):
     assert run_stage.annotate_fingerprint(dataclasses.replace(cfg, seed=3), tmp_path / "out") == fp  # CLIP ignores it
     from pipeline.config import TrainConfig
 
-    train = TrainConfig(annotated="a", out="m")
+    train = TrainConfig(annotated="a", out="m", preset="paper")  # the paper's schedule does not follow --epochs
     full, key = run_stage.train_fingerprints(train, "data")
     more = run_stage.train_fingerprints(dataclasses.replace(train, epochs=900), "data")
     assert more[0] != full and more[1] == key  # more epochs: a different run that can continue this one
     assert run_stage.train_fingerprints(train, "other data") != (full, key)
     short = dataclasses.replace(train, lr_period=0)  # the schedule follows the run length: not resumable
     assert run_stage.train_fingerprints(dataclasses.replace(short, epochs=900), "data")[1] != run_stage.train_fingerprints(short, "data")[1]
+    default = TrainConfig(annotated="a", out="m")  # the default preset derives its schedule from --epochs
+    assert run_stage.train_fingerprints(dataclasses.replace(default, epochs=900), "data")[1] != run_stage.train_fingerprints(default, "data")[1]
     synth = dataclasses.replace(cfg, annotator="synthetic")
     assert run_stage.annotate_fingerprint(dataclasses.replace(synth, seed=3), tmp_path / "out") != run_stage.annotate_fingerprint(synth, tmp_path / "out")
     (images / "cat" / "extra.png").write_bytes((images / "cat" / "0000.png").read_bytes())

@@ -61,9 +61,12 @@ def test_train_writes_model_directory(ann, tmp_path):
 
 def test_resume_equals_uninterrupted(ann, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    assert train(ann, full, "--epochs", "3").exit_code == 0
-    assert train(ann, part, "--epochs", "2").exit_code == 0  # "interrupted" after epoch 2
-    r = train(ann, part, "--epochs", "3", "--resume")
+    # a fixed cosine period: "interrupted" is emulated by a shorter --epochs, and with the default preset's
+    # --lr-period 0 the schedule (rightly) follows --epochs, so a resume to 3 would be refused
+    fixed = ("--lr-period", "800")
+    assert train(ann, full, "--epochs", "3", *fixed).exit_code == 0
+    assert train(ann, part, "--epochs", "2", *fixed).exit_code == 0  # "interrupted" after epoch 2
+    r = train(ann, part, "--epochs", "3", "--resume", *fixed)
     assert r.exit_code == 0, r.output
     a, b = weights(full), weights(part)
     assert a.keys() == b.keys()
@@ -153,7 +156,10 @@ def test_ctrl_c_saves_the_epoch_and_resume_finishes(ann, tmp_path):
     import sys
 
     out = tmp_path / "m"
-    cmd = [sys.executable, "-m", "pipeline.cli", "train", str(ann), str(out), *TINY, "--epochs", "200"]
+    # the default preset derives the ramp, the delayed start and the cosine from --epochs: fix them, so that a
+    # resume with fewer epochs continues the same run
+    fixed = ["--lr-period", "800", "--rampup-epochs", "1", "--start-cont", "1"]
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", str(ann), str(out), *TINY, *fixed, "--epochs", "200"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     for line in p.stdout:
@@ -166,7 +172,7 @@ def test_ctrl_c_saves_the_epoch_and_resume_finishes(ann, tmp_path):
     state = torch.load(out / "checkpoint.pt", weights_only=True)  # plain tensors and values only
     logged = (out / "metrics.jsonl").read_text().splitlines()
     assert len(logged) == state["epoch"] + 1 < 200
-    r = train(ann, out, "--epochs", str(state["epoch"] + 3), "--resume")
+    r = train(ann, out, "--epochs", str(state["epoch"] + 3), "--resume", *fixed)
     assert r.exit_code == 0, r.output
     assert len((out / "metrics.jsonl").read_text().splitlines()) == state["epoch"] + 3
 
