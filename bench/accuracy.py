@@ -242,6 +242,7 @@ def main() -> None:
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="gpu: train on the GPU (e.g. --arch preact_resnet18 --jobs 1)")
     p.add_argument("--jobs", type=int, default=2, help="training runs side by side")
     p.add_argument("--no-hflip", dest="hflip", action="store_false", help="no horizontal flips (digits)")
+    p.add_argument("--table-only", action="store_true", help="write the table from the cached results; train nothing")
     args = p.parse_args()
 
     work = Path(args.work)
@@ -255,6 +256,8 @@ def main() -> None:
             ann = annotate(setting, seed, images, pool, classes, work, args)
             for method in ["ce"] if setting == "clean" else methods:  # clean: the supervised ceiling
                 tasks.append((method, setting, seed, ann))
+    if args.table_only:  # render what is cached, run nothing (a table over several partial invocations)
+        tasks = [t for t in tasks if (work / "results" / (slug(f"{t[1]}|{t[2]}|{t[0]}") + ".json")).exists()]
     order = {t[:3]: i for i, t in enumerate(tasks)}
     tasks.sort(key=lambda t: not t[0].startswith(("coreg", "dividemix")))  # the long runs first: better packing of --jobs
     results: list[dict] = []

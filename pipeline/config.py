@@ -106,7 +106,7 @@ class TrainConfig:
     division: str = _f("", "global (one GMM over all rows, paper) | class (one GMM per class the network picks inside the set, so every class keeps its share of P; not in the paper); unset = preset (default: class)", from_warmup=True, panel=COREG)
     epoch_steps: str = _f("", "p (an epoch = one pass over P, paper) | all (an epoch = N/batch steps, the P and U loaders both cycle; not in the paper); unset = preset (default: all)", from_warmup=True, panel=COREG)
     partner_scores: str = _f("", "net (the partner's candidate-masked prediction, paper Eq. 5) | vlm (that prediction times the annotator's probabilities, renormalised inside the set; not in the paper); unset = preset", from_warmup=True, panel=COREG)
-    warmup_loss: str = _f("", "paper (partial CE + negative entropy) | vlm (soft CE to the annotator's probabilities inside the set, a warm-up that ranks the candidates; not in the paper); unset = preset (default: vlm)", panel=COREG)
+    warmup_loss: str = _f("", "paper (partial CE + negative entropy) | vlm (soft CE to the annotator's probabilities inside the set, a warm-up that ranks the candidates; not in the paper) | vlm-sharp (the same targets sharpened with --sharpen-t; experimental, bench/results/accuracy_notes.md); unset = preset (default: vlm)", panel=COREG)
     dist_align: bool = _f(True, "distribution alignment of division scores (code-only)", from_warmup=True, panel=COREG)
     k_views: int = _f(2, "weak views averaged for the self-prediction", range=(1, None), from_warmup=True, panel=COREG)
     sharpen_t: float = _f(0.5, "T, temperature of the pseudo-label sharpening", gt=0, from_warmup=True, panel=COREG)

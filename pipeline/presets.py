@@ -8,7 +8,7 @@ so on small data they are re-derived to mean the same per unit of training, and 
 
 - `division=class`: one GMM per class (the class the network picks inside the candidate set), so the
   small-loss division cannot starve the classes the warm-up network is least sure of (bench/results/
-  accuracy_notes.md §5: P held 72 of 500 trucks).
+  accuracy_cifar_small_notes.md §5: P held 72 of 500 trucks).
 - `epoch_steps=all`: an epoch is N/batch steps with both loaders cycling, so Co-Reg takes as many SGD steps as
   the single-network baselines instead of one pass over P (11% of the rows at the switch on MNIST).
 - `warmup_loss=vlm`: warm-up on the annotator's own probabilities inside the set, a network that ranks the

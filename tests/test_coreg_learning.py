@@ -86,7 +86,7 @@ def test_default_coreg_beats_its_instance_dependent_annotator_and_keeps_every_cl
     # The division: share of valid sets in P above the share over all rows <=> an invalid set is more
     # likely to be sent to U than a valid one (labels read for this diagnostic only).
     last = json.loads((tmp_path / "m" / "metrics.jsonl").read_text().splitlines()[-1])
-    ds_cov = np.mean([y in c for y, c in zip(*_labels_and_sets(ann))])
+    ds_cov = np.mean([y in c for y, c in zip(*_labels_and_sets(ann), strict=True)])
     for net in ("net1", "net2"):
         assert last[f"{net}/diag_p_valid"] > ds_cov + 0.03, (last[f"{net}/diag_p_valid"], ds_cov)
 

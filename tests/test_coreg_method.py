@@ -458,3 +458,9 @@ def test_bad_mechanism_option_is_refused():
 
     with pytest.raises(CoregError, match="--division"):
         make_method(make_cfg(division="perclass"))
+
+
+def test_sharpened_ranked_warmup_trains():
+    cfg = make_cfg(warmup_loss="vlm-sharp")
+    m, (w,) = run(cfg, make_ctx(), range(1))
+    assert {"net1/soft_ce", "net2/soft_ce"} <= w.keys() and all_finite(w)

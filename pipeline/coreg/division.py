@@ -137,7 +137,7 @@ def classwise_clean_prob(losses: np.ndarray, groups: np.ndarray, *, seed: int, *
 
     One global GMM calls a row clean when its loss is small *compared with every row*, so the rows of a
     class the network is unsure of all land in U and that class vanishes from the P targets (issue 9,
-    finding 1; bench/results/accuracy_notes.md §5). Fitting per class compares each row only with rows of
+    finding 1; bench/results/accuracy_cifar_small_notes.md §5). Fitting per class compares each row only with rows of
     its own class, the class-balanced selection of noisy-label work. A group of one row gets w = 1
     (`gmm_clean_prob`'s edge case).
     """
@@ -198,7 +198,7 @@ def prediction_balance(counts: Tensor) -> dict[str, float]:
     """Label-free collapse check from per-class argmax counts (C,): how many classes the network predicts
     at all, and the smallest class share times C (1 = every class predicted equally often, 0 = some class
     is never predicted). Self-training cannot bring back a class the network has stopped predicting, so a
-    falling `pred_min_share` is the first sign of the class collapse described in bench/results/accuracy_notes.md.
+    falling `pred_min_share` is the first sign of the class collapse described in bench/results/accuracy_cifar_small_notes.md.
     """
     counts = counts.float()
     total = counts.sum().clamp_min(1.0)

@@ -33,6 +33,7 @@ from pipeline.coreg.division import (
 )
 from pipeline.coreg.losses import ranked_targets
 from pipeline.coreg.prototypes import Prototypes
+from pipeline.coreg.pseudo_labels import sharpen
 from pipeline.coreg.queue import FeatureQueue, copy_weights
 from pipeline.coreg.step import StepNets, StepParams, coreg_step, warmup_step
 from pipeline.training import (
@@ -100,13 +101,15 @@ class CoReg(TwoNetworks):
         rows = torch.arange(ctx.n, device=ctx.device)
         # --warmup-loss vlm (not in the paper) trains like the kd baseline: batch B on weak views, so at the
         # switch the network has had as many steps as `kd` on the same epochs; paper: batch 2B, strong views
-        ranked = self.cfg.warmup_loss == "vlm"
+        ranked = self.cfg.warmup_loss in ("vlm", "vlm-sharp")
         bs = self.cfg.batch_size if ranked else 2 * self.cfg.batch_size
         total = steps_per_epoch(ctx.n, batch_size=bs, world=ctx.dist.world)
         sums: dict[str, float] = {}
         counts = torch.zeros(self.C, device=ctx.device)  # argmax per class over this epoch's (strong) views
         batches = iterate_batches(rows, batch_size=bs, generator=ctx.rng("warm-order", epoch, i), dist=ctx.dist)
         targets = ranked_targets(ctx.vlm_probs, cand) if ranked else None  # (N, C) the annotator's ranking inside the set
+        if self.cfg.warmup_loss == "vlm-sharp":  # sharpened with the method's own T (§3.3), as every Co-Reg target
+            targets = sharpen(targets, T=self.cfg.sharpen_t)
         for step, (glob, loc, _) in enumerate(ctx.progress(batches, total, f"warm-up {n}")):
             opt.zero_grad(set_to_none=True)
             out = warmup_step(ctx, net, idx=loc, n=glob.numel(), candidates=cand, keys=("warm", epoch, i, step), targets=targets)
@@ -222,7 +225,7 @@ def build(cfg, *, num_classes: int, make_net: Callable[[], nn.Module], num_rows:
 
     if cfg.contrast not in ("noisy", "supcon"):
         raise CoregError(f"--contrast {cfg.contrast!r} is unknown; choose noisy or supcon")
-    for name, allowed in (("division", ("global", "class")), ("epoch_steps", ("p", "all")), ("warmup_loss", ("paper", "vlm")), ("partner_scores", ("net", "vlm"))):
+    for name, allowed in (("division", ("global", "class")), ("epoch_steps", ("p", "all")), ("warmup_loss", ("paper", "vlm", "vlm-sharp")), ("partner_scores", ("net", "vlm"))):
         if getattr(cfg, name) not in allowed:
             raise CoregError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is unknown; choose {' or '.join(allowed)}")
     if cfg.prior_penalty < 0:
