@@ -38,7 +38,15 @@ from pipeline.coreg.division import gmm_clean_prob, minmax, split
 from pipeline.coreg.losses import negative_entropy, prior_penalty, self_training_loss
 from pipeline.coreg.mixup import mixup, sample_lambda
 from pipeline.coreg.pseudo_labels import labeled_targets, unlabeled_targets
-from pipeline.training import Context, derive_seed, iterate_batches, mean_over, set_lr, steps_per_epoch
+from pipeline.training import (
+    Context,
+    derive_seed,
+    iterate_batches,
+    mean_over,
+    set_lr,
+    steps_per_epoch,
+    sync_buffers,
+)
 from pipeline.two_networks import NETS, TwoNetworks, cycle
 
 
@@ -90,16 +98,15 @@ class DivideMix(TwoNetworks):
         """Per-row CE of the noisy label on un-augmented images (eval mode) → min-max → GMM → split."""
         net, N, dist = self.raw[n], ctx.n, ctx.dist
         net.eval()
-        per = -(-N // dist.world)
-        mine = torch.arange(dist.rank * per, min((dist.rank + 1) * per, N), device=ctx.device)
+        r = dist.shard(N)  # this process's rows of the pass
+        mine = torch.arange(r.start, r.stop, device=ctx.device)
         chunks = []
         for c in mine.split(max(1, 4 * self.cfg.batch_size)):
             with ctx.autocast():
                 logits = net(ctx.augment.normalize(ctx.images[c])).float()
             chunks.append(F.cross_entropy(logits, labels[c], reduction="none"))
         loss = torch.cat(chunks) if chunks else torch.zeros(0, device=ctx.device)
-        # Pad every process's block to `per` rows so the gather has equal shapes; the first N rows are 0..N-1.
-        loss = dist.gather(torch.cat([loss, loss.new_zeros(per - loss.numel())]))[:N]  # (N,)
+        loss = dist.gather_shards(loss, N)  # (N,) rows 0..N-1 in order
         net.train()
         w = gmm_clean_prob(minmax(loss).cpu(), seed=derive_seed(ctx.seed, "gmm", epoch, i) % 2**32)
         p_mask, w = split(torch.as_tensor(w).to(ctx.device).float(), threshold=self.cfg.p_threshold, forced_clean=ctx.trusted)
@@ -113,6 +120,7 @@ class DivideMix(TwoNetworks):
         u_batch = (min(cfg.batch_size, u_rows.numel()) // dist.world) * dist.world
         self.raw[n].train()
         self.raw[partner].eval()  # DivideMix: the partner only co-guesses, in eval mode
+        sync_buffers(self.raw[partner], ctx.dist)  # the partner was just trained: one set of BN statistics everywhere
         u_iter = cycle(u_rows, u_batch, ctx, ("u-order", epoch, i))
         sums: dict[str, float] = {}
         batches = iterate_batches(p_rows, batch_size=cfg.batch_size, generator=ctx.rng("p-order", epoch, i), dist=dist)

@@ -44,6 +44,7 @@ from pipeline.training import (
     mean_over,
     set_lr,
     steps_per_epoch,
+    sync_buffers,
 )
 from pipeline.two_networks import NETS, TwoNetworks, cycle
 
@@ -126,16 +127,14 @@ class CoReg(TwoNetworks):
         net, aug, N, dist = self.raw[n], ctx.augment, ctx.n, ctx.dist
         net.eval()
         params = aug.sample_weak(N, ctx.rng("divide", epoch, i))
-        per = -(-N // dist.world)
-        mine = torch.arange(dist.rank * per, min((dist.rank + 1) * per, N), device=ctx.device)
+        r = dist.shard(N)  # this process's rows of the pass
+        mine = torch.arange(r.start, r.stop, device=ctx.device)
         chunks = []
         for c in mine.split(max(1, 4 * self.cfg.batch_size)):
             with ctx.autocast():
                 chunks.append(net(aug.apply_weak(ctx.images[c], aug.select(params, c))).float().softmax(1))
         probs = torch.cat(chunks) if chunks else torch.zeros(0, self.C, device=ctx.device)
-        # Equal shapes for the gather: only the last non-empty block is short, so after padding every block
-        # to `per` rows the first N gathered rows are exactly rows 0..N-1 in order.
-        probs = dist.gather(torch.cat([probs, probs.new_zeros(per - probs.shape[0], self.C)]))[:N]  # (N, C)
+        probs = dist.gather_shards(probs, N)  # (N, C) rows 0..N-1 in order
         net.train()
         counts = torch.bincount(probs.argmax(1), minlength=self.C).float()  # raw predictions, before DA
         if self.cfg.dist_align:
@@ -168,6 +167,7 @@ class CoReg(TwoNetworks):
         nets = StepNets(self.wrapped[n], self.raw[n], self.keys[n], self.queues[n], self.raw[partner], self.protos)
         self.raw[n].train()
         self.raw[partner].eval()
+        sync_buffers(self.raw[partner], dist)  # the partner was just trained: one set of BN statistics on every rank
         u_iter = cycle(u_rows, u_batch, ctx, ("u-order", epoch, i))
         sums: dict[str, float] = {}
         hits = torch.zeros(4, device=ctx.device)  # pseudo-label correct / total on P, then on U (diagnostics)
