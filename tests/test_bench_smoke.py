@@ -55,3 +55,19 @@ def test_train_speed(data):
                 "--threads", "1", "--cpu", "--out", str(data / "train.md"), cwd=data)
     assert "median ratio pipeline / floor" in out
     assert "| 1 |" in (data / "train.md").read_text()
+
+
+def test_accuracy(data):
+    """bench/accuracy.py end to end on 3 classes x 2 images: the clean ceiling, an instance-dependent and a
+    synthetic setting, the default Co-Reg and one baseline, then the table from the cache alone."""
+    common = ["--data", str(data / "cifar"), "--work", str(data / "acc"), "--train-per-class", "2",
+              "--test-per-class", "2", "--pool-per-class", "2", "--shots", "1", "--epochs", "2", "--warmup", "1",
+              "--rampup", "1", "--start-cont", "1", "--queue-size", "8", "--batch-size", "2", "--seeds", "0",
+              "--jobs", "1", "--out", str(data / "acc.md")]  # fmt: skip
+    bench("accuracy.py", *common, "--settings", "clean;instance:shots=1;synthetic:q=0.1,eta=0.2",
+          "--methods", "coreg,ce", cwd=data)
+    table = (data / "acc.md").read_text()
+    assert "## clean" in table and "Ceiling check" in table and "| coreg |" in table and "| ce |" in table
+    out = bench("accuracy.py", *common, "--settings", "clean;instance:shots=1", "--methods", "coreg,ce,kd",
+                "--table-only", cwd=data)
+    assert "table written" in out and "| kd |" not in (data / "acc.md").read_text()  # nothing new was trained
