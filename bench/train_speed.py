@@ -168,8 +168,9 @@ def main() -> None:
     method_mod.CoReg.train_epoch, accelerate.Accelerator.backward = train_epoch, backward
     handle = torch.nn.modules.module.register_module_forward_hook(rec.forward_hook, with_kwargs=True)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(annotated="(in memory)", out=f"{tmp}/model", arch=args.arch, epochs=1 + args.repeats,
+        cfg = TrainConfig(annotated="(in memory)", out=f"{tmp}/model", preset="paper", arch=args.arch, epochs=1 + args.repeats,
                           warmup_epochs=1, batch_size=args.batch_size, cpu=args.cpu, num_workers=2, save_every=1000)  # fmt: skip
+        cfg = train_stage.resolve_preset(cfg, n_rows=len(dsd["train"]), quiet=True)  # the paper's Co-Reg epoch
         train_stage.train(cfg, dsd, classes, method_mod)
     handle.remove()
     ratios = sorted(p / f for p, f, _, _ in pairs)
