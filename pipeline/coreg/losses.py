@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pipeline.coreg.division import masked_scores
+
 # §3.1: the code's partial cross-entropy uses log(· + 1e-5).
 PARTIAL_CE_EPS = 1e-5
 
@@ -61,13 +63,9 @@ def ranked_warmup_loss(logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
 
 
 def ranked_targets(vlm_probs: Tensor, candidates: Tensor) -> Tensor:
-    """(N, C) the annotator's distribution inside each candidate set, renormalised (empty sets: unmasked)."""
-    cand = candidates.bool()  # (N, C)
-    masked = vlm_probs.float() * cand  # (N, C)
-    total = masked.sum(dim=1, keepdim=True)  # (N, 1)
-    uniform = cand.float() / cand.sum(dim=1, keepdim=True).clamp_min(1)  # a set the annotator gave 0 mass
-    out = torch.where(total > 0, masked / total.clamp_min(1e-12), uniform)
-    return torch.where(cand.any(dim=1, keepdim=True), out, vlm_probs.float())  # (N, C)
+    """(N, C) the annotator's distribution inside each candidate set, renormalised (empty sets: unmasked;
+    a set the annotator gave no mass: uniform over it): the masking of paper Eq. 5, applied to `vlm_probs`."""
+    return masked_scores(vlm_probs.float(), candidates)
 
 
 # ---------------------------------------------------------------- self-training (§3.4)

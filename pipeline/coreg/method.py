@@ -140,9 +140,9 @@ class CoReg(TwoNetworks):
         if self.cfg.dist_align:
             probs = distribution_align(probs, mean_probs=probs.mean(0))
         loss = self.history[n].push(minmax(division_loss(probs, cand)))  # (N,) mean of the last epochs
-        scores = masked_scores(probs, cand)  # (N, C): trusted rows are one-hot since their set is
-        if self.cfg.partner_scores == "vlm":  # not in the paper: the annotator's ranking inside the set too
-            scores = masked_scores(probs * ctx.vlm_probs, cand)  # product of the two experts, renormalised
+        # (N, C) candidate-masked scores (trusted rows are one-hot since their set is); --partner-scores vlm (not
+        # in the paper): the product of the network and the annotator inside the set, renormalised
+        scores = masked_scores(probs * ctx.vlm_probs if self.cfg.partner_scores == "vlm" else probs, cand)
         seed = derive_seed(ctx.seed, "gmm", epoch, i) % 2**32
         if self.cfg.division == "class":  # not in the paper: one GMM per class picked inside the set
             w = torch.as_tensor(classwise_clean_prob(loss.cpu().numpy(), scores.argmax(1).cpu().numpy(), seed=seed))
