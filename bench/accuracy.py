@@ -47,29 +47,39 @@ def cli(*args: str, threads: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- data
-def image_folder(data: Path, work: Path, *, train: int, test: int, pool: int) -> tuple[Path, Path, list[str]]:
+def image_folder(data: Path, work: Path, *, train: int, test: int, pool: int, subset: str = "report") -> tuple[Path, Path, list[str]]:
     """Symlinked subsets: work/images/{train,test}/<class>/ for the student, work/pool/<class>/ for the
-    instance annotator. The subset is fixed (seed 1234), so every seed and method sees the same images."""
+    instance annotator. The subset is fixed (seed 1234), so every seed and method sees the same images.
+    `subset="dev"` is the held-out set for choosing defaults: its train and test images are both drawn from the
+    training images the reported subset leaves unused (the annotator's pool is the same), so nothing tuned
+    on it has seen a reported image."""
     classes = sorted(p.name for p in (data / "train").iterdir() if p.is_dir())
     rng = np.random.default_rng(1234)
     images, pool_dir = work / "images", work / "pool"
-    subset = f"train={train} test={test} pool={pool} data={data.resolve()}"
-    if (images / "done").exists() and (images / "done").read_text() not in ("", subset):
+    stamp = f"train={train} test={test} pool={pool} data={data.resolve()}" + ("" if subset == "report" else f" subset={subset}")
+    if (images / "done").exists() and (images / "done").read_text() not in ("", stamp):
         raise SystemExit(f"{work} holds another subset ({(images / 'done').read_text()}); use another --work")
     if not (images / "done").exists():
         for split, n in (("train", train), ("test", test)):
             for c in classes:
                 files = sorted((data / split / c).iterdir())
-                order = rng.permutation(len(files))
+                order = rng.permutation(len(files))  # drawn for both subsets: the same pool, the same stream
+                if split == "test" and subset == "dev":
+                    continue
                 picks = {"": order[:n]} if split == "test" else {"": order[:n], "pool": order[n : n + pool]}
+                if subset == "dev":  # train and test from the training images after the reported train + pool
+                    rest = order[train + pool :]
+                    picks = {"": rest[:train], "pool": order[train : train + pool], "dev-test": rest[train : train + test]}
+                    if len(rest) < train + test:
+                        raise SystemExit(f"{data}/train/{c} has {len(files)} images; the dev subset needs {2 * train + pool + test}")
                 for kind, idx in picks.items():
-                    dst = (pool_dir / c) if kind == "pool" else (images / split / c)
+                    dst = {"pool": pool_dir / c, "dev-test": images / "test" / c}.get(kind, images / split / c)
                     dst.mkdir(parents=True, exist_ok=True)
                     for i in idx:
                         (dst / files[i].name).symlink_to(files[i].resolve())
                 if split == "train" and len(files) < train + pool:
                     raise SystemExit(f"{data}/train/{c} has {len(files)} images; need {train + pool}")
-        (images / "done").write_text(subset)
+        (images / "done").write_text(stamp)
     return images, pool_dir, classes
 
 
@@ -162,6 +172,21 @@ def train_options(args, method: str = "ce") -> list[str]:
     return opts + extra.split()
 
 
+def preset_fingerprint(args, method: str) -> dict | None:
+    """What the default preset fills in for this run (None under --preset paper): part of a cached result's
+    key, so a result trained under older preset rules is never mixed into a table made after they changed."""
+    opts = train_options(args, method)
+    if "--preset" in opts and opts[opts.index("--preset") + 1] == "paper":
+        return None
+    from types import SimpleNamespace
+
+    from pipeline.presets import default_values
+
+    cfg = SimpleNamespace(batch_size=args.batch_size, epochs=args.epochs)
+    vals = default_values(cfg, n_rows=args.train_per_class * len(args.classes), gpu=args.device == "gpu")
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in sorted(vals.items())}
+
+
 def diagnostics(model: Path) -> dict:
     """For the two-network methods (reported, never used to select anything): the ensemble's test accuracy
     when warm-up ended, and the last epoch's division statistics averaged over both networks."""
@@ -190,9 +215,18 @@ def run_one(method: str, setting: str, seed: int, ann: Path, work: Path, args) -
         if res["options"] != train_options(args, method):
             raise SystemExit(f"{res_file} was made with other options ({' '.join(res['options'])}); "
                              "use another --work for these options")  # fmt: skip
+        if res.get("preset") != preset_fingerprint(args, method):
+            raise SystemExit(f"{res_file} was trained under other preset rules (pipeline/presets.py changed since); "
+                             f"delete it to retrain, or use another --work")  # fmt: skip
         if "test_classes_predicted" not in res.get("diag", {}) and (work / "models" / res_file.stem / "metrics.jsonl").exists():
             res["diag"] = diagnostics(work / "models" / res_file.stem)  # results cached before diagnostics existed
         return res
+    for res in args.reused.get(tag, []):  # an earlier session's run of exactly this (options and preset rules)
+        if (res["options"] == train_options(args, method) and res.get("preset") == preset_fingerprint(args, method)
+                and res.get("subset", "report") == args.subset):  # fmt: skip
+            res_file.parent.mkdir(parents=True, exist_ok=True)
+            res_file.write_text(json.dumps(res, indent=1))
+            return res
     model = work / "models" / res_file.stem
     if model.exists():  # an interrupted run: start it again from scratch (its wall time must be whole)
         import shutil
@@ -208,7 +242,7 @@ def run_one(method: str, setting: str, seed: int, ann: Path, work: Path, args) -
         "test_acc_net1": last.get("test_acc_net1"), "zero_shot_test": report["zero_shot_accuracy"],
         "train_coverage": train_stats["coverage"], "train_mean_candidates": train_stats["mean_candidates"],
         "train_zero_shot": train_stats["zero_shot_accuracy"], "wall_s": wall, "options": train_options(args, method),
-        "diag": diagnostics(model),
+        "diag": diagnostics(model), "preset": preset_fingerprint(args, method), "subset": args.subset,
     }  # fmt: skip
     res_file.parent.mkdir(parents=True, exist_ok=True)
     res_file.write_text(json.dumps(res, indent=1))
@@ -242,12 +276,23 @@ def main() -> None:
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="gpu: train on the GPU (e.g. --arch preact_resnet18 --jobs 1)")
     p.add_argument("--jobs", type=int, default=2, help="training runs side by side")
     p.add_argument("--no-hflip", dest="hflip", action="store_false", help="no horizontal flips (digits)")
+    p.add_argument("--subset", choices=("report", "dev"), default="report",
+                   help="dev: the held-out subset for choosing defaults (train and test from training images the "
+                        "reported subset does not use); report: the subset the committed tables are measured on")  # fmt: skip
+    p.add_argument("--reuse", action="append", default=[], metavar="JSON",
+                   help="results of an earlier session (a committed bench/results/*.json): a run whose setting, seed, "
+                        "method, options and preset rules match is taken from it instead of retrained")  # fmt: skip
     p.add_argument("--table-only", action="store_true", help="write the table from the cached results; train nothing")
     args = p.parse_args()
 
     work = Path(args.work)
-    images, pool, classes = image_folder(Path(args.data), work, train=args.train_per_class, test=args.test_per_class, pool=args.pool_per_class)
+    images, pool, classes = image_folder(Path(args.data), work, train=args.train_per_class, test=args.test_per_class,
+                                        pool=args.pool_per_class, subset=args.subset)  # fmt: skip
     args.classes = classes
+    args.reused = {}
+    for f in args.reuse:
+        for res in json.loads(Path(f).read_text()):
+            args.reused.setdefault(f"{res['setting']}|{res['seed']}|{res['method']}", []).append(res)
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = [m for m in args.methods.split(",") if m]
     tasks = []
@@ -257,7 +302,8 @@ def main() -> None:
             for method in ["ce"] if setting == "clean" else methods:  # clean: the supervised ceiling
                 tasks.append((method, setting, seed, ann))
     if args.table_only:  # render what is cached, run nothing (a table over several partial invocations)
-        tasks = [t for t in tasks if (work / "results" / (slug(f"{t[1]}|{t[2]}|{t[0]}") + ".json")).exists()]
+        tasks = [t for t in tasks if (work / "results" / (slug(f"{t[1]}|{t[2]}|{t[0]}") + ".json")).exists()
+                 or f"{t[1]}|{t[2]}|{t[0]}" in args.reused]  # fmt: skip
     order = {t[:3]: i for i, t in enumerate(tasks)}
     tasks.sort(key=lambda t: not t[0].startswith(("coreg", "dividemix")))  # the long runs first: better packing of --jobs
     results: list[dict] = []

@@ -46,6 +46,9 @@ def table(results: list[dict], args, *, options: list[str], methods: tuple[str, 
         "model predicts at all (a collapse check). `gap closed`: (accuracy − zero-shot) / (clean ceiling − zero-shot), "
         "with the clean ceiling of the same seed.", "",
     ]  # fmt: skip
+    if getattr(args, "subset", "report") == "dev":
+        lines[2:2] = ["**Dev subset** (`--subset dev`): training and test images both drawn from the training images "
+                      "the reported subset does not use; this table is for choosing defaults, not for reporting.", ""]  # fmt: skip
     ceiling = {r["seed"]: r["test_acc"] for r in results if r["setting"] == "clean"}
     two_net = ("coreg", "dividemix")
     for setting in dict.fromkeys(r["setting"] for r in results):

@@ -31,6 +31,7 @@ PAPER = {
     "arch": "preact_resnet18", "epochs": 800, "warmup_epochs": 50, "batch_size": 256, "lr_period": 800,
     "rampup_epochs": 16, "start_cont": 10, "gmm_history": 5, "proto_m": 0.999, "moco_m": 0.999,
     "queue_size": 8192, "division": "global", "epoch_steps": "p", "warmup_loss": "paper", "partner_scores": "net",
+    "mix_views": "strong",
 }  # fmt: skip
 PAPER_ROWS = 50_000  # CIFAR's training set: the paper's time constants are per epoch of this many rows
 PAPER_STEPS = 195  # ceil(50000 / 256) steps per epoch in the paper's setting
@@ -65,7 +66,7 @@ def default_values(cfg, *, n_rows: int, gpu: bool) -> dict:
     out["proto_m"] = max(0.9, 1 - (1 - PAPER["proto_m"]) * max(1.0, PAPER_ROWS / n_rows))
     out["moco_m"] = max(0.9, PAPER["moco_m"] ** max(1.0, PAPER_STEPS / steps))  # same key drift per epoch
     out["queue_size"] = int(min(PAPER["queue_size"], max(2 * b, round(n_rows * PAPER["queue_size"] / PAPER_ROWS))))
-    out.update(division="class", epoch_steps="all", warmup_loss="vlm", partner_scores="vlm")
+    out.update(division="class", epoch_steps="all", warmup_loss="vlm", partner_scores="vlm", mix_views="strong")
     return out
 
 

@@ -71,3 +71,26 @@ def test_accuracy(data):
     out = bench("accuracy.py", *common, "--settings", "clean;instance:shots=1", "--methods", "coreg,ce,kd",
                 "--table-only", cwd=data)
     assert "table written" in out and "| kd |" not in (data / "acc.md").read_text()  # nothing new was trained
+    # a later session: a fresh --work that takes every run from the committed JSON instead of retraining
+    out = bench("accuracy.py", *[a if a != str(data / "acc") else str(data / "acc2") for a in common],
+                "--settings", "clean;instance:shots=1", "--methods", "coreg,ce", "--reuse", str(data / "acc.json"),
+                "--out", str(data / "acc2.md"), cwd=data)  # fmt: skip
+    assert "test acc" not in out and "| coreg |" in (data / "acc2.md").read_text()
+
+
+def test_accuracy_dev_subset_is_disjoint(tmp_path):
+    """`--subset dev` (for choosing defaults) never shows a reported image: its train and test images come
+    from training images the reported subset leaves unused, and the annotator's pool is the same."""
+    sys.path.insert(0, str(REPO))
+    from bench.accuracy import image_folder
+
+    make_image_folder(tmp_path / "d", classes=("a", "b"), n_per_class=9, size=8, split=("train", "test"))
+    names = {}
+    for subset in ("report", "dev"):
+        images, pool, classes = image_folder(tmp_path / "d", tmp_path / subset, train=2, test=2, pool=3, subset=subset)
+        names[subset] = {part: {p.resolve() for p in root.rglob("*.png")}
+                         for part, root in (("train", images / "train"), ("test", images / "test"), ("pool", pool))}  # fmt: skip
+    rep, dev = names["report"], names["dev"]
+    assert rep["pool"] == dev["pool"] and len(dev["train"]) == len(dev["test"]) == 4
+    assert not (dev["train"] | dev["test"]) & (rep["train"] | rep["test"] | rep["pool"])
+    assert not dev["train"] & dev["test"]

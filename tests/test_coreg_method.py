@@ -464,3 +464,40 @@ def test_sharpened_ranked_warmup_trains():
     cfg = make_cfg(warmup_loss="vlm-sharp")
     m, (w,) = run(cfg, make_ctx(), range(1))
     assert {"net1/soft_ce", "net2/soft_ce"} <= w.keys() and all_finite(w)
+
+
+def test_hard_ranked_warmup_targets_are_the_annotators_top_class_inside_the_set(monkeypatch):
+    """--warmup-loss vlm-hard: one-hot on the top of the annotator's probabilities inside the set; where the
+    top is tied (a synthetic annotator's uniform set) the target stays uniform over the tie."""
+    import pipeline.coreg.method as method_mod
+    from pipeline.coreg.losses import ranked_targets
+
+    seen = []
+    real = method_mod.warmup_step
+    monkeypatch.setattr(method_mod, "warmup_step", lambda *a, **k: seen.append(k["targets"]) or real(*a, **k))
+    ctx = make_ctx()
+    g = torch.Generator().manual_seed(0)
+    ctx.vlm_probs = torch.rand(N, C, generator=g).softmax(1)  # an annotator that ranks every set ...
+    ctx.vlm_probs[:10] = 1.0 / C  # ... but ten rows
+    m, (w,) = run(make_cfg(warmup_loss="vlm-hard"), ctx, range(1))
+    t, cand = seen[0], m._candidates(ctx)
+    ranked = ranked_targets(ctx.vlm_probs, cand)
+    assert all_finite(w) and torch.allclose(t.sum(1), torch.ones(N))
+    assert torch.allclose(t[:10], ranked[:10])  # tied: uniform over the set, as the soft target
+    assert torch.equal(t[10:].amax(1), torch.ones(N - 10))  # untied: one-hot ...
+    assert torch.equal(t[10:].argmax(1), ranked[10:].argmax(1)) and cand[torch.arange(N), t.argmax(1)].all()  # ... on the top
+
+
+@pytest.mark.parametrize("views", ["strong", "weak"])
+def test_mix_views_option_picks_the_augmentation_of_the_self_training_views(monkeypatch, views):
+    """--mix-views weak (not in the paper): the mixup and contrastive views are weak, so no strong
+    augmentation is drawn after warm-up; strong (the paper) draws four per step (P and U, two views each)."""
+    ctx = make_ctx()
+    m = make_method(make_cfg(mix_views=views))
+    m.train_epoch(0, ctx)  # warm-up (paper loss: strong views), before counting
+    calls = []
+    real = ctx.augment.apply_strong
+    monkeypatch.setattr(ctx.augment, "apply_strong", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = m.train_epoch(1, ctx)
+    assert all_finite(out)
+    assert (len(calls) == 0) if views == "weak" else (len(calls) > 0 and len(calls) % 4 == 0)

@@ -102,7 +102,7 @@ class CoReg(TwoNetworks):
         rows = torch.arange(ctx.n, device=ctx.device)
         # --warmup-loss vlm (not in the paper) trains like the kd baseline: batch B on weak views, so at the
         # switch the network has had as many steps as `kd` on the same epochs; paper: batch 2B, strong views
-        ranked = self.cfg.warmup_loss in ("vlm", "vlm-sharp")
+        ranked = self.cfg.warmup_loss in ("vlm", "vlm-sharp", "vlm-hard")
         bs = self.cfg.batch_size if ranked else 2 * self.cfg.batch_size
         total = steps_per_epoch(ctx.n, batch_size=bs, world=ctx.dist.world)
         sums: dict[str, float] = {}
@@ -111,6 +111,9 @@ class CoReg(TwoNetworks):
         targets = ranked_targets(ctx.vlm_probs, cand) if ranked else None  # (N, C) the annotator's ranking inside the set
         if self.cfg.warmup_loss == "vlm-sharp":  # sharpened with the method's own T (§3.3), as every Co-Reg target
             targets = sharpen(targets, T=self.cfg.sharpen_t)
+        elif self.cfg.warmup_loss == "vlm-hard":  # the limit T -> 0 of sharpening: the top class inside the set, or
+            top = targets >= targets.amax(1, keepdim=True) * (1 - 1e-6)  # uniform over tied tops (a synthetic
+            targets = top.float() / top.sum(1, keepdim=True)  # annotator's uniform set stays uniform, not argmax's first)
         for step, (glob, loc, _) in enumerate(ctx.progress(batches, total, f"warm-up {n}")):
             opt.zero_grad(set_to_none=True)
             out = warmup_step(ctx, net, idx=loc, n=glob.numel(), candidates=cand, keys=("warm", epoch, i, step), targets=targets)
@@ -216,7 +219,7 @@ class CoReg(TwoNetworks):
             lambda_proto=cfg.lambda_proto, lambda_cont=cfg.lambda_cont,
             representation=epoch > cfg.warmup_epochs + cfg.start_cont,  # code-only delayed start (§3.7)
             co_pseudo_labels=cfg.co_pseudo_labels, prototypes=cfg.prototypes, contrast=cfg.contrast,
-            prior_penalty=cfg.prior_penalty,
+            prior_penalty=cfg.prior_penalty, weak_mix=cfg.mix_views == "weak",
         )
 
 
@@ -225,7 +228,7 @@ def build(cfg, *, num_classes: int, make_net: Callable[[], nn.Module], num_rows:
 
     if cfg.contrast not in ("noisy", "supcon"):
         raise CoregError(f"--contrast {cfg.contrast!r} is unknown; choose noisy or supcon")
-    for name, allowed in (("division", ("global", "class")), ("epoch_steps", ("p", "all")), ("warmup_loss", ("paper", "vlm", "vlm-sharp")), ("partner_scores", ("net", "vlm"))):
+    for name, allowed in (("division", ("global", "class")), ("epoch_steps", ("p", "all")), ("warmup_loss", ("paper", "vlm", "vlm-sharp", "vlm-hard")), ("partner_scores", ("net", "vlm")), ("mix_views", ("strong", "weak"))):
         if getattr(cfg, name) not in allowed:
             raise CoregError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is unknown; choose {' or '.join(allowed)}")
     if cfg.prior_penalty < 0:
