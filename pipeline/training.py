@@ -132,9 +132,17 @@ class Context:
         return g
 
     def cpu_rng(self, *keys: int | str) -> torch.Generator:
+        """The same seed as `rng(*keys)`, on the host: for draws whose values the host needs."""
         g = torch.Generator()
         g.manual_seed(derive_seed(self.seed, *keys))
         return g
+
+    def rng_pair(self, *keys: int | str) -> tuple[torch.Generator, torch.Generator]:
+        """(host, device) generators of one key. A value the host needs (mixup's λ) is drawn from the first, so
+        reading it never waits for the device; tensors for the device are drawn from the second. On a CPU run
+        both are one generator: the draws follow each other in one stream, as from `rng(*keys)` alone."""
+        host = self.cpu_rng(*keys)
+        return host, (host if self.device.type == "cpu" else self.rng(*keys))
 
 
 class Method(Protocol):

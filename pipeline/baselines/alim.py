@@ -87,8 +87,8 @@ class ALIM(PiCO):
         self.state.div_loss[batch.glob] = dist.gather(division_loss(probs, cand))
         if self.cfg.alim_mixup_weight == 0:
             return {}
-        g = ctx.rng(*batch.keys, "mixup")
-        lam = sample_lambda(self.cfg.mixup_alpha, g)
+        g_host, g = ctx.rng_pair(*batch.keys, "mixup")
+        lam = sample_lambda(self.cfg.mixup_alpha, g_host)  # drawn on the host (no device read)
         perm = torch.randperm(batch.n, generator=g, device=g.device).to(ctx.device)
         x_all = dist.gather(x_weak.detach())  # (n, 3, H, W) the global batch, so partners may be anywhere
         t_all = dist.gather(self.conf.values[batch.loc])  # (n, C) label estimates after this step's update

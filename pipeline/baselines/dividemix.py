@@ -161,8 +161,8 @@ class DivideMix(TwoNetworks):
         # Mixup over the canonical global batch [x1; x2; u1; u2] so partners may come from any process.
         x_all = torch.cat([dist.gather(v) for v in (x1, x2, u1, u2)])
         t_all = torch.cat([dist.gather(v) for v in (t_x, t_x, t_u, t_u)])
-        g = ctx.rng(*px.keys, "mixup", i)
-        lam = sample_lambda(cfg.mixup_alpha, g)
+        g_host, g = ctx.rng_pair(*px.keys, "mixup", i)
+        lam = sample_lambda(cfg.mixup_alpha, g_host)  # drawn on the host (no device read)
         perm = torch.randperm(x_all.shape[0], generator=g, device=g.device).to(dev)
         x_mix, t_mix = mixup(x_all, t_all, lam=lam, perm=perm)
         npg, nug = px.n, ux.n
