@@ -34,8 +34,8 @@ from pipeline.training import Context, derive_seed
 VARIANTS = ("onehot", "scale")
 
 
-def adjusted_weights(cand: Tensor, lam: float, trusted: Tensor) -> Tensor:
-    """(b, C) y + λ(1 − y); trusted rows keep y."""
+def adjusted_weights(cand: Tensor, lam: float | Tensor, trusted: Tensor) -> Tensor:
+    """(b, C) y + λ(1 − y); trusted rows keep y. λ a float or a 0-dim tensor."""
     return cand + lam * (1.0 - cand) * (~trusted.bool()).float()[:, None]
 
 
@@ -70,7 +70,7 @@ class ALIM(PiCO):
         return {**super().extra_modules(), "alim_state": self.state}
 
     def label_weights(self, cand: Tensor, trusted: Tensor) -> Tensor:
-        return adjusted_weights(cand, float(self.state.lam), trusted)
+        return adjusted_weights(cand, self.state.lam, trusted)  # the buffer itself: float() would read the device
 
     def disambiguate(self, scores: Tensor, weights: Tensor) -> Tensor:
         if self.cfg.alim_variant == "scale":
