@@ -40,7 +40,7 @@ def cli(*args: str, threads: int) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}  # fmt: skip
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "stages.cli", *args], cwd=REPO, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"coreg {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return time.perf_counter() - t0

@@ -3,8 +3,10 @@
     python bench/augment_speed.py [--device cpu|cuda] [--threads 1] [--batch 512] [--size 32] [--results FILE]
 
 Decodes the CIFAR-10 test images (10,000 JPEGs, /work/shared/data/cifar10/test by default) with
-`decode_images`, then times on one batch: weak and strong augmentation (`BatchAugment`) and one
-forward+backward pass of `small_cnn` and `preact_resnet18`. Appends a table to
+`decode_images`, then times on one batch: weak and strong augmentation (`BatchAugment`; strong also with
+RandAugment's two implementations forced: rows grouped by op, which reads the per-op counts on the host, and
+masked, every op on every row with no host read, the default off the CPU) and one forward+backward pass of
+`small_cnn` and `preact_resnet18`. Appends a table to
 bench/results/augment_speed.md (`--results FILE` elsewhere, `--results ""` nowhere). Milliseconds are the median of several repeats after one warm-up.
 """
 
@@ -65,9 +67,12 @@ def main() -> None:
     x = images[: args.batch].to(device)  # (B, 3, S, S) uint8
     aug = BatchAugment(image_size=args.size, mean=mean, std=std)
     g = torch.Generator(device=device).manual_seed(0)
+    grouped, masked = (BatchAugment(image_size=args.size, mean=mean, std=std, group_ops=v) for v in (True, False))
     rows = [
         ("weak augmentation", _ms(lambda: aug.weak(x, g), device, args.repeats)),
         ("strong augmentation", _ms(lambda: aug.strong(x, g), device, args.repeats)),
+        ("strong, ops grouped (host read)", _ms(lambda: grouped.strong(x, g), device, args.repeats)),
+        ("strong, ops masked (no host read)", _ms(lambda: masked.strong(x, g), device, args.repeats)),
     ]
     xn = aug.normalize(x)
     for arch in ("small_cnn", "preact_resnet18"):
@@ -79,7 +84,7 @@ def main() -> None:
 
         rows.append((f"{arch} forward+backward", _ms(step, device, max(2, args.repeats // 2))))
 
-    ref = rows[2][1]
+    ref = dict(rows)["small_cnn forward+backward"]
     lines = [
         f"\n## {args.batch}x3x{args.size}x{args.size}, {device.type}, {args.threads} thread(s), "
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}\n",

@@ -12,6 +12,11 @@ single process would have made. Every step is per-sample (no batch statistics) a
 arithmetic or elementwise float ops in a fixed order, so the output for a row does not depend on which other
 rows share its batch.
 
+No host-device sync (issue 11): nothing here reads a device value on the host. The constants (normalisation,
+the ops' ranges, the Cutout grey) are copied to a device once and kept (`_on`), because PyTorch waits for the
+device on every copy of a host-made tensor. On an accelerator every op runs on the whole batch and `torch.where`
+keeps each row's own op; grouping the rows by op, as on the CPU, would need the per-op counts on the host.
+
 The PIL originals use nearest-neighbour resampling with black fill for the geometric ops and turn every
 result into uint8; this file does the same (values stay integers in 0..255 until `normalize`), and matches
 PIL pixel for pixel except for rare nearest-neighbour ties and autocontrast's rounding (off by at most 1).
@@ -52,7 +57,9 @@ Params = dict[str, Tensor]
 class BatchAugment:
     """uint8 (B, 3, S, S) in, normalised float32 (B, 3, S, S) out, with per-sample random parameters."""
 
-    def __init__(self, *, image_size: int, mean, std, hflip: bool = True, pad: int | None = None):
+    def __init__(
+        self, *, image_size: int, mean, std, hflip: bool = True, pad: int | None = None, group_ops: bool | None = None
+    ):
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean/std must be 3 values with std > 0, got {mean}, {std}")
         self.image_size = int(image_size)
@@ -63,11 +70,31 @@ class BatchAugment:
         self.pad = self.image_size // 8 if pad is None else int(pad)
         lo, hi = zip(*(RANGES[o] for o in OPS), strict=True)
         self._lo, self._hi = torch.tensor(lo), torch.tensor(hi)  # (14,)
+        # RandAugment runs each op on its own rows only (grouped by op; the per-op counts are read on the host)
+        # or every op on every row (masked; no host read). Same pixels either way. None: grouped on the CPU,
+        # where the read is free and masking would run each pixel op on all rows instead of about 1/14 of them;
+        # masked on an accelerator, where those ops are a few cheap kernels and a read would stall the device.
+        self.group_ops = group_ops
+        self._consts: dict[torch.device, dict[str, Tensor]] = {}
 
     def config(self) -> dict:
         """What config.json records about augmentation and normalisation."""
         return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
                 "hflip": self.hflip, "pad": self.pad, "strong_ops": list(OPS), "cutout_max": CUTOUT_MAX}  # fmt: skip
+
+    def _on(self, device: torch.device) -> dict[str, Tensor]:
+        """The constant tensors on `device`, copied there once (a copy of a host tensor is a host-device sync)."""
+        c = self._consts.get(device)
+        if c is None:
+            std = torch.tensor(self.std).view(1, 3, 1, 1)
+            c = {
+                "scale": 1.0 / (255.0 * std),  # (1, 3, 1, 1)
+                "shift": -torch.tensor(self.mean).view(1, 3, 1, 1) / std,
+                "lo": self._lo, "hi": self._hi,  # (14,)
+                "fill": torch.tensor(CUTOUT_FILL, dtype=torch.float32).view(1, 3, 1, 1),
+            }  # fmt: skip
+            c = self._consts[device] = {k: v.to(device) for k, v in c.items()}
+        return c
 
     # ---------------------------------------------------------------------------------------------- params
 
@@ -85,7 +112,8 @@ class BatchAugment:
         dev = generator.device
         op = torch.randint(0, len(OPS), (n,), generator=generator, device=dev)  # (n,)
         u = torch.rand(4, n, generator=generator, device=dev)  # (4, n)
-        lo, hi = self._lo.to(dev)[op], self._hi.to(dev)[op]  # (n,) each
+        c = self._on(dev)
+        lo, hi = c["lo"][op], c["hi"][op]  # (n,) each
         s = float(self.image_size)
         p.update(
             op=op,
@@ -120,11 +148,9 @@ class BatchAugment:
 
     def normalize(self, x: Tensor) -> Tensor:
         """0..255 images (uint8 or float) -> float32 (x / 255 - mean) / std; the test-time transform."""
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        scale = 1.0 / (255.0 * std)  # (1, 3, 1, 1)
-        shift = -torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1) / std
+        c = self._on(x.device)
         # copy=True: a float input must not be modified by the in-place ops below
-        return x.to(torch.float32, copy=True).mul_(scale).add_(shift)  # (B, 3, H, W)
+        return x.to(torch.float32, copy=True).mul_(c["scale"]).add_(c["shift"])  # (B, 3, H, W)
 
     # ---------------------------------------------------------------------------------------------- steps
 
@@ -153,9 +179,14 @@ class BatchAugment:
         return out.view(b, c, h, w)
 
     def _randaugment(self, x: Tensor, op: Tensor, mag: Tensor) -> Tensor:
-        """One op per sample. Samples are sorted by op so each op runs once on a contiguous slice."""
+        """One op per sample: grouped by op on the CPU, masked elsewhere (see `group_ops`)."""
+        group = x.device.type == "cpu" if self.group_ops is None else self.group_ops
+        return (self._randaugment_grouped if group else self._randaugment_masked)(x, op, mag)
+
+    def _randaugment_grouped(self, x: Tensor, op: Tensor, mag: Tensor) -> Tensor:
+        """Samples are sorted by op so each op runs once on a contiguous slice."""
         order = torch.argsort(op, stable=True)  # (B,)
-        counts = torch.bincount(op, minlength=len(OPS)).tolist()  # the one host sync of a strong batch
+        counts = torch.bincount(op, minlength=len(OPS)).tolist()  # a host read of the op counts
         xs, ms, ops = x[order], mag[order], op[order]  # sorted by op
         out = torch.empty(x.shape, dtype=torch.float32, device=x.device)  # (B, 3, S, S), sorted order
         start = 0
@@ -170,6 +201,16 @@ class BatchAugment:
         unsorted[order] = out
         return unsorted
 
+    def _randaugment_masked(self, x: Tensor, op: Tensor, mag: Tensor) -> Tensor:
+        """Every op on every sample, each row keeping its own op's result: no host read. The ops are per
+        sample, so a row's pixels are those of the grouped path; the other rows' results (an op applied with
+        another op's magnitude) are computed and dropped."""
+        m = mag.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        out = _warp(x, op, mag)  # (B, 3, S, S) float; rows of a non-geometric op are overwritten below
+        for k, name in enumerate(OPS[:FIRST_GEOMETRIC]):
+            out = torch.where((op == k).view(-1, 1, 1, 1), getattr(self, f"_{name}")(x, m), out)
+        return out
+
     def _cutout(self, y: Tensor, p: Params) -> Tensor:
         """Grey square: left/top edge = floor(max(0, centre - side/2)), cut off at the right/bottom border."""
         s = p["cut_size"]  # (B,)
@@ -179,8 +220,7 @@ class BatchAugment:
         in_y = (ar >= y0[:, None]) & (ar < (y0 + s)[:, None])  # (B, S)
         in_x = (ar >= x0[:, None]) & (ar < (x0 + s)[:, None])  # (B, S)
         mask = (in_y[:, :, None] & in_x[:, None, :])[:, None]  # (B, 1, S, S)
-        fill = torch.tensor(CUTOUT_FILL, dtype=y.dtype, device=y.device).view(1, 3, 1, 1)
-        return torch.where(mask, fill, y)
+        return torch.where(mask, self._on(y.device)["fill"].to(y.dtype), y)
 
     # ------------------------------------------------------------------------ ops: uint8 (b, 3, S, S) in,
     # float32 0..255 integers out; m = magnitude (b, 1, 1, 1)

@@ -132,9 +132,17 @@ class Context:
         return g
 
     def cpu_rng(self, *keys: int | str) -> torch.Generator:
+        """The same seed as `rng(*keys)`, on the host: for draws whose values the host needs."""
         g = torch.Generator()
         g.manual_seed(derive_seed(self.seed, *keys))
         return g
+
+    def rng_pair(self, *keys: int | str) -> tuple[torch.Generator, torch.Generator]:
+        """(host, device) generators of one key. A value the host needs (mixup's λ) is drawn from the first, so
+        reading it never waits for the device; tensors for the device are drawn from the second. On a CPU run
+        both are one generator: the draws follow each other in one stream, as from `rng(*keys)` alone."""
+        host = self.cpu_rng(*keys)
+        return host, (host if self.device.type == "cpu" else self.rng(*keys))
 
 
 class Method(Protocol):
@@ -208,13 +216,27 @@ def make_sgd(cfg, net: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def mean_over(sums: dict[str, float], steps: int, ctx: Context) -> dict[str, float]:
-    """Per-step means of this process's summed loss terms, averaged over processes (every row counted once)."""
+def add_terms(sums: dict[str, Tensor], terms: dict[str, Tensor], keys: tuple[str, ...] | None = None) -> None:
+    """Add one step's loss terms (0-dim tensors; `keys` of them, or all) to `sums`, on the device.
+
+    Reading each term on the host (`float(t)`) every step would wait for the device every step; the sums
+    are read once, by `mean_over`, at the end of the epoch. They are float64, so they hold exactly the values
+    the Python-float sums did: every float32 term converts exactly, and each addition rounds the same way.
+    """
+    for k in terms if keys is None else keys:
+        if k in terms:
+            v = terms[k].detach().to(torch.float64)
+            sums[k] = sums[k] + v if k in sums else v
+
+
+def mean_over(sums: dict[str, Tensor], steps: int, ctx: Context) -> dict[str, float]:
+    """Per-step means of this process's summed loss terms (`add_terms`), averaged over processes (every row
+    counted once). One host read for all of them."""
     if not sums:
         return {}
     keys = sorted(sums)
-    v = ctx.dist.all_reduce_sum(torch.tensor([sums[k] for k in keys], device=ctx.device, dtype=torch.float64))
-    return {k: float(x) / max(steps, 1) / ctx.dist.world for k, x in zip(keys, v, strict=True)}
+    v = ctx.dist.all_reduce_sum(torch.stack([sums[k].to(ctx.device) for k in keys]))  # (T,) float64
+    return {k: x / max(steps, 1) / ctx.dist.world for k, x in zip(keys, v.tolist(), strict=True)}
 
 
 def cosine_lr(epoch: float, *, lr: float, min_ratio: float, period: int) -> float:

@@ -2,7 +2,7 @@
 
 The loop follows the Accelerate examples: Accelerator → data → networks → optimisers → one `prepare` →
 epochs. It runs unchanged on CPU, one GPU, several GPUs and several machines (`accelerate launch -m
-pipeline.cli train ...`). Every process holds the decoded images; the method takes its rows of each global
+stages.cli train ...`). Every process holds the decoded images; the method takes its rows of each global
 batch, and everything computed over the whole dataset is gathered (pipeline/training.py).
 
 OUT holds config.json + model.safetensors (refreshed with every checkpoint, so an interrupted run still has

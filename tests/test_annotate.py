@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from annotators.templates import load_templates
-from pipeline.cli import app
 from pipeline.schema import features, load_annotated
+from stages.cli import app
 from tests.tiny import make_image_folder, make_tiny_clip
 
 runner = CliRunner()
@@ -226,7 +226,7 @@ def test_resume_after_kill_9(tmp_path, clip_model, monkeypatch):
     out = tmp_path / "killed"
     args[1] = str(out)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "annotate", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "stages.cli", "annotate", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while len(list(out.glob(".coreg-partial/*/train/shard-*"))) < 3:
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"

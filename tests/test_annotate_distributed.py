@@ -22,7 +22,7 @@ def test_shard_assignment_covers_every_shard_once():
 def launch(nproc: int, img, out, model, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(29600 + nproc + os.getpid() % 1000), "-m", "pipeline.cli", "annotate", str(img), str(out),
+           "--master_port", str(29600 + nproc + os.getpid() % 1000), "-m", "stages.cli", "annotate", str(img), str(out),
            "--model", model, "--shard-size", "3", "--batch-size", "2", "--device", "cpu", "--num-workers", "1"]  # fmt: skip
     r = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

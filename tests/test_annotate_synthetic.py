@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from annotators.synthetic import draw_candidates, expected_size, parse_noise, uniform_probs
-from pipeline.cli import app
 from pipeline.errors import CoregError
 from pipeline.schema import load_annotated
+from stages.cli import app
 from tests.tiny import make_image_folder
 
 runner = CliRunner()

@@ -122,6 +122,31 @@ def test_selected_rows_equal_rows_of_the_global_batch():
     assert torch.equal(aug.apply_weak(x[5:9], aug.select(w, slice(5, 9))), aug.apply_weak(x, w)[5:9])
 
 
+def test_masked_ops_equal_grouped_ops_bit_for_bit():
+    """The accelerator path (every op on every row, no host read of the per-op counts) makes the pixels of
+    the CPU path (rows grouped by op); both are forced here, on the CPU."""
+    x = _images(64, seed=6)
+    p = _aug().sample_strong(64, _gen(13))
+    assert len(p["op"].unique()) == len(OPS)  # every op is exercised
+    grouped, masked = _aug(group_ops=True).apply_strong(x, p), _aug(group_ops=False).apply_strong(x, p)
+    assert torch.equal(grouped, masked)
+    assert torch.equal(_aug().apply_strong(x, p), grouped)  # the default on the CPU groups
+
+
+def test_constants_are_copied_to_a_device_once(monkeypatch):
+    """normalize, sample_strong and Cutout used to build their constants from Python numbers on every call:
+    one host-to-device copy (and device sync) each. Now once per device."""
+    aug, x = _aug(), _images(8)
+    aug.strong(x, _gen(0))  # builds the constants
+    made = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or real(*a, **k))
+    aug.strong(x, _gen(1))
+    aug.weak(x, _gen(2))
+    aug.normalize(x)
+    assert made == []
+
+
 def test_cutout_fills_a_grey_square():
     aug = BatchAugment(image_size=32, mean=(0, 0, 0), std=(1, 1, 1))
     x = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)

@@ -8,7 +8,7 @@ import datasets
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from stages.cli import app
 from tests.annotated import make_rows
 
 runner = CliRunner()

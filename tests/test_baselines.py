@@ -207,7 +207,7 @@ def test_two_processes_equal_one(name, tmp_path):
     for nproc in (1, 2):
         out = tmp_path / f"p{nproc}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(29700 + nproc + os.getpid() % 1000), "-m", "pipeline.cli", "train", str(ann),
+               "--master_port", str(29700 + nproc + os.getpid() % 1000), "-m", "stages.cli", "train", str(ann),
                str(out), "--method", name, "--arch", "small_cnn", "--batch-size", "8", "--warmup-epochs", "1",
                "--epochs", "2", "--queue-size", "32", "--num-workers", "0", "--cpu"]  # fmt: skip
         r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)

@@ -15,7 +15,7 @@ import json
 import numpy as np
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from stages.cli import app
 
 CLASSES = ["red", "green", "blue", "yellow"]
 COLOURS = [(220, 40, 40), (40, 200, 40), (40, 60, 220), (220, 200, 40)]

@@ -1,5 +1,7 @@
 """Co-pseudo-labeling and mixup (coreg-method.md §3.3, §3.4): exact values on hand-built tensors."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from scipy.stats import beta
@@ -74,3 +76,9 @@ def test_sample_lambda_deterministic_given_generator():
     assert first != second
     with pytest.raises(ValueError):
         sample_lambda(0.0, g)
+
+
+def test_sample_lambda_refuses_a_device_generator():
+    """λ is a host number: drawn on a device it would be read back at every step (a host-device sync)."""
+    with pytest.raises(ValueError, match="CPU generator"):
+        sample_lambda(4.0, SimpleNamespace(device=torch.device("cuda")))

@@ -16,12 +16,12 @@ from PIL import Image
 from test_model_io import CLASSES, save_constant_model
 from typer.testing import CliRunner
 
-from pipeline.cli import app
 from pipeline.config import EvaluateConfig
 from pipeline.errors import CoregError
 from pipeline.schema import features
 from pipeline.training import Dist
 from stages import evaluate
+from stages.cli import app
 
 # cat=0 dog=1 fox=2; the student always says dog
 LABELS = [1, 1, 0, 1, 1, 0]
@@ -176,7 +176,7 @@ def test_two_processes_count_every_row_once(tmp_path, model):
     data = make_dataset(tmp_path / "data", n=5)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(free_port()), "-m", "pipeline.cli", "evaluate", str(model), str(data),
+           "--master_port", str(free_port()), "-m", "stages.cli", "evaluate", str(model), str(data),
            "--cpu", "--out", str(tmp_path / "r")]  # fmt: skip
     res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 from annotators.answers import AnswerMapper, normalise
 from annotators.llava import LlavaAnnotator, option_orders
 from annotators.templates import load_questions
-from pipeline.cli import app
 from pipeline.images import load_rgb, scan_images
 from pipeline.schema import load_annotated
+from stages.cli import app
 from tests.tiny import make_image_folder, make_tiny_llava
 
 CLASSES = ["airplane", "cat", "pickup_truck", "truck", "aquarium_fish", "sea", "sea lion"]

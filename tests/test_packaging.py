@@ -65,7 +65,7 @@ def test_the_wheel_alone_annotates_with_its_builtin_templates(installed, tmp_pat
     code = (
         "import json, sys, annotators, pipeline, stages\n"
         "print(json.dumps({m.__name__: m.__file__ for m in (pipeline, annotators, stages)}))\n"
-        "from pipeline.cli import app\n"
+        "from stages.cli import app\n"
         "sys.argv = ['coreg'] + sys.argv[1:]\n"
         "app()\n"
     )

@@ -10,11 +10,11 @@ from PIL import Image
 from test_model_io import CLASSES, model_config, student_weights
 from typer.testing import CliRunner
 
-from pipeline.cli import app
 from pipeline.data import image_to_tensor
 from pipeline.errors import CoregError
 from pipeline.model_io import load_model, save_model
 from stages import export
+from stages.cli import app
 
 
 @pytest.fixture

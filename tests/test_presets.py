@@ -48,7 +48,7 @@ def test_explicit_options_win_over_the_preset():
 def test_unknown_preset_is_refused_on_the_command_line(tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from stages.cli import app
 
     r = CliRunner().invoke(app, ["train", str(tmp_path / "a"), str(tmp_path / "m"), "--preset", "fast"])
     assert r.exit_code == 2 and "--preset" in r.output and "paper" in r.output

@@ -7,8 +7,8 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
 from stages import run as run_stage
+from stages.cli import app
 from tests.tiny import make_image_folder, make_tiny_clip
 
 CLASSES = ("cat", "dog", "bird")

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from stages.cli import app
 from tests.annotated import make_annotated
 
 runner = CliRunner()
@@ -159,7 +159,7 @@ def test_ctrl_c_saves_the_epoch_and_resume_finishes(ann, tmp_path):
     # the default preset derives the ramp, the delayed start and the cosine from --epochs: fix them, so that a
     # resume with fewer epochs continues the same run
     fixed = ["--lr-period", "800", "--rampup-epochs", "1", "--start-cont", "1"]
-    cmd = [sys.executable, "-m", "pipeline.cli", "train", str(ann), str(out), *TINY, *fixed, "--epochs", "200"]
+    cmd = [sys.executable, "-m", "stages.cli", "train", str(ann), str(out), *TINY, *fixed, "--epochs", "200"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     for line in p.stdout:

@@ -34,7 +34,7 @@ def launch(nproc: int, ann, out, tmp_path):
     # `accelerate launch` on several machines.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(free_port()),
-           "-m", "pipeline.cli", "train", str(ann), str(out), *ARGS]  # fmt: skip
+           "-m", "stages.cli", "train", str(ann), str(out), *ARGS]  # fmt: skip
     r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"{nproc} process(es)" in r.stdout  # really distributed

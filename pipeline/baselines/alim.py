@@ -34,8 +34,8 @@ from pipeline.training import Context, derive_seed
 VARIANTS = ("onehot", "scale")
 
 
-def adjusted_weights(cand: Tensor, lam: float, trusted: Tensor) -> Tensor:
-    """(b, C) y + λ(1 − y); trusted rows keep y."""
+def adjusted_weights(cand: Tensor, lam: float | Tensor, trusted: Tensor) -> Tensor:
+    """(b, C) y + λ(1 − y); trusted rows keep y. λ a float or a 0-dim tensor."""
     return cand + lam * (1.0 - cand) * (~trusted.bool()).float()[:, None]
 
 
@@ -70,7 +70,7 @@ class ALIM(PiCO):
         return {**super().extra_modules(), "alim_state": self.state}
 
     def label_weights(self, cand: Tensor, trusted: Tensor) -> Tensor:
-        return adjusted_weights(cand, float(self.state.lam), trusted)
+        return adjusted_weights(cand, self.state.lam, trusted)  # the buffer itself: float() would read the device
 
     def disambiguate(self, scores: Tensor, weights: Tensor) -> Tensor:
         if self.cfg.alim_variant == "scale":
@@ -87,8 +87,8 @@ class ALIM(PiCO):
         self.state.div_loss[batch.glob] = dist.gather(division_loss(probs, cand))
         if self.cfg.alim_mixup_weight == 0:
             return {}
-        g = ctx.rng(*batch.keys, "mixup")
-        lam = sample_lambda(self.cfg.mixup_alpha, g)
+        g_host, g = ctx.rng_pair(*batch.keys, "mixup")
+        lam = sample_lambda(self.cfg.mixup_alpha, g_host)  # drawn on the host (no device read)
         perm = torch.randperm(batch.n, generator=g, device=g.device).to(ctx.device)
         x_all = dist.gather(x_weak.detach())  # (n, 3, H, W) the global batch, so partners may be anywhere
         t_all = dist.gather(self.conf.values[batch.loc])  # (n, C) label estimates after this step's update

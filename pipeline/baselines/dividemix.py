@@ -40,6 +40,7 @@ from pipeline.coreg.mixup import mixup, sample_lambda
 from pipeline.coreg.pseudo_labels import labeled_targets, unlabeled_targets
 from pipeline.training import (
     Context,
+    add_terms,
     derive_seed,
     iterate_batches,
     mean_over,
@@ -79,7 +80,7 @@ class DivideMix(TwoNetworks):
         rows = torch.arange(ctx.n, device=ctx.device)
         total = steps_per_epoch(ctx.n, batch_size=bs, world=ctx.dist.world)
         batches = iterate_batches(rows, batch_size=bs, generator=ctx.rng("warm-order", epoch, i), dist=ctx.dist)
-        sums: dict[str, float] = {}
+        sums: dict[str, Tensor] = {}  # summed on the device, read once after the epoch
         for step, (glob, loc, sl) in enumerate(ctx.progress(batches, total, f"warm-up {n}")):
             opt.zero_grad(set_to_none=True)
             x = view(ctx, Batch(glob, loc, sl, epoch, step), "w", "warm", i)
@@ -89,8 +90,7 @@ class DivideMix(TwoNetworks):
             loss = ce + negative_entropy(logits) if self.cfg.dividemix_conf_penalty else ce
             ctx.backward(loss)
             opt.step()
-            for k, v in (("loss", loss), ("ce", ce)):
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            add_terms(sums, {"loss": loss, "ce": ce})
         return mean_over(sums, total, ctx)
 
     @torch.no_grad()
@@ -122,7 +122,7 @@ class DivideMix(TwoNetworks):
         self.raw[partner].eval()  # DivideMix: the partner only co-guesses, in eval mode
         sync_buffers(self.raw[partner], ctx.dist)  # the partner was just trained: one set of BN statistics everywhere
         u_iter = cycle(u_rows, u_batch, ctx, ("u-order", epoch, i))
-        sums: dict[str, float] = {}
+        sums: dict[str, Tensor] = {}  # summed on the device, read once after the epoch
         batches = iterate_batches(p_rows, batch_size=cfg.batch_size, generator=ctx.rng("p-order", epoch, i), dist=dist)
         for step, (pg, pl, ps) in enumerate(ctx.progress(batches, n_steps, f"dividemix {n}")):
             ug = next(u_iter)
@@ -132,8 +132,7 @@ class DivideMix(TwoNetworks):
             self.opts[n].zero_grad(set_to_none=True)
             out = self._step(ctx, n, partner, px, ux, div["w"][pl], labels[pl], cfg.dividemix_lambda_u * ramp, i)
             self.opts[n].step()
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+            add_terms(sums, out)
         self.raw[partner].train()
         m = mean_over(sums, n_steps, ctx)
         m.update({"n_p": float(p_rows.numel()), "n_u": float(u_rows.numel()), "mean_w": float(div["w"].mean())})
@@ -161,8 +160,8 @@ class DivideMix(TwoNetworks):
         # Mixup over the canonical global batch [x1; x2; u1; u2] so partners may come from any process.
         x_all = torch.cat([dist.gather(v) for v in (x1, x2, u1, u2)])
         t_all = torch.cat([dist.gather(v) for v in (t_x, t_x, t_u, t_u)])
-        g = ctx.rng(*px.keys, "mixup", i)
-        lam = sample_lambda(cfg.mixup_alpha, g)
+        g_host, g = ctx.rng_pair(*px.keys, "mixup", i)
+        lam = sample_lambda(cfg.mixup_alpha, g_host)  # drawn on the host (no device read)
         perm = torch.randperm(x_all.shape[0], generator=g, device=g.device).to(dev)
         x_mix, t_mix = mixup(x_all, t_all, lam=lam, perm=perm)
         npg, nug = px.n, ux.n

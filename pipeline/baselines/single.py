@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from pipeline.training import (
     Context,
+    add_terms,
     cosine_lr,
     iterate_batches,
     make_sgd,
@@ -193,12 +194,11 @@ class SingleNet:
         rows = torch.arange(ctx.n, device=ctx.device)
         total = steps_per_epoch(ctx.n, batch_size=self.cfg.batch_size, world=ctx.dist.world)
         batches = iterate_batches(rows, batch_size=self.cfg.batch_size, generator=ctx.rng("order", epoch), dist=ctx.dist)
-        sums: dict[str, float] = {}
+        sums: dict[str, Tensor] = {}  # summed on the device, read once after the epoch
         for step, (glob, loc, sl) in enumerate(ctx.progress(batches, total, self.name)):
             self.opt.zero_grad(set_to_none=True)
             out = self.step(ctx, Batch(glob, loc, sl, epoch, step), epoch)
             self.opt.step()
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+            add_terms(sums, out)
         metrics = {**mean_over(sums, total, ctx), **self.end_epoch(epoch, ctx)}
         return {"lr": lr, **{f"net1/{k}": v for k, v in metrics.items()}}

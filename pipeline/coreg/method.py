@@ -38,6 +38,7 @@ from pipeline.coreg.queue import FeatureQueue, copy_weights
 from pipeline.coreg.step import StepNets, StepParams, coreg_step, warmup_step
 from pipeline.training import (
     Context,
+    add_terms,
     cosine_lr,
     derive_seed,
     iterate_batches,
@@ -105,7 +106,7 @@ class CoReg(TwoNetworks):
         ranked = self.cfg.warmup_loss in ("vlm", "vlm-sharp", "vlm-hard")
         bs = self.cfg.batch_size if ranked else 2 * self.cfg.batch_size
         total = steps_per_epoch(ctx.n, batch_size=bs, world=ctx.dist.world)
-        sums: dict[str, float] = {}
+        sums: dict[str, Tensor] = {}  # loss terms summed on the device, read once after the epoch
         counts = torch.zeros(self.C, device=ctx.device)  # argmax per class over this epoch's (strong) views
         batches = iterate_batches(rows, batch_size=bs, generator=ctx.rng("warm-order", epoch, i), dist=ctx.dist)
         targets = ranked_targets(ctx.vlm_probs, cand) if ranked else None  # (N, C) the annotator's ranking inside the set
@@ -118,10 +119,8 @@ class CoReg(TwoNetworks):
             opt.zero_grad(set_to_none=True)
             out = warmup_step(ctx, net, idx=loc, n=glob.numel(), candidates=cand, keys=("warm", epoch, i, step), targets=targets)
             opt.step()
-            for k in ("loss", "partial_ce", "neg_entropy", "soft_ce"):
-                if k in out:
-                    sums[k] = sums.get(k, 0.0) + float(out[k])
-            counts += torch.bincount(out["probs"].argmax(1), minlength=self.C).float()
+            add_terms(sums, out, ("loss", "partial_ce", "neg_entropy", "soft_ce"))
+            counts += F.one_hot(out["probs"].argmax(1), self.C).sum(0)  # bincount would read its max on the host
         return {**mean_over(sums, total, ctx), **prediction_balance(ctx.dist.all_reduce_sum(counts))}
 
     @torch.no_grad()
@@ -172,7 +171,7 @@ class CoReg(TwoNetworks):
         self.raw[partner].eval()
         sync_buffers(self.raw[partner], dist)  # the partner was just trained: one set of BN statistics on every rank
         u_iter = cycle(u_rows, u_batch, ctx, ("u-order", epoch, i))
-        sums: dict[str, float] = {}
+        sums: dict[str, Tensor] = {}  # loss terms summed on the device, read once after the epoch
         hits = torch.zeros(4, device=ctx.device)  # pseudo-label correct / total on P, then on U (diagnostics)
         for step, (p_glob, p_loc, _) in enumerate(ctx.progress(batches, n_steps, f"co-reg {n}")):
             u_glob = next(u_iter)
@@ -186,14 +185,12 @@ class CoReg(TwoNetworks):
                 p_self_scores=own["scores"][p_loc], p_self_w=own["w"][p_loc], keys=("step", epoch, i, step),
             )
             self.opts[n].step()
-            for k in ("loss", "l_x", "l_u", "proto", "cont", "prior"):
-                if k in out:
-                    sums[k] = sums.get(k, 0.0) + float(out[k])
+            add_terms(sums, out, ("loss", "l_x", "l_u", "proto", "cont", "prior"))
             if ctx.diag_label is not None:
                 for j, (rows, tgt) in enumerate(((p_loc, out["targets_p"]), (u_loc, out["targets_u"]))):
                     lab = ctx.diag_label[rows]
-                    known = lab >= 0
-                    hits[2 * j] += (tgt.argmax(1)[known] == lab[known]).sum()
+                    known = lab >= 0  # a mask, not an index: indexing with it would size the result on the host
+                    hits[2 * j] += ((tgt.argmax(1) == lab) & known).sum()
                     hits[2 * j + 1] += known.sum()
         self.raw[partner].train()
         m = mean_over(sums, n_steps, ctx)

@@ -6,7 +6,9 @@ sample (its own target keeps the larger weight). The whole P+U batch is permuted
 Randomness is counter-based (pipeline/training.py): λ must be a function of the generator the loop hands
 in. torch's Beta/Gamma samplers take no generator, so λ is drawn by inversion: one uniform number u from the
 generator, then λ = F⁻¹(u) with F the Beta(α, α) CDF (`scipy.special.betaincinv`). That is an exact Beta
-draw and deterministic given the generator's state, on any device.
+draw and deterministic given the generator's state. λ is a host number (it scales tensors as a Python float),
+so the generator is a host one (`Context.rng_pair`): a draw on the device would be read back at every step,
+a host-device sync.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ from torch import Tensor
 
 
 def sample_lambda(alpha: float, generator: torch.Generator) -> float:
-    """λ = max(λ, 1 − λ), λ ~ Beta(α, α), from one uniform draw of `generator` (inverse CDF)."""
+    """λ = max(λ, 1 − λ), λ ~ Beta(α, α), from one uniform draw of `generator` (inverse CDF), a CPU generator."""
     from scipy.special import betaincinv
 
     if alpha <= 0:
         raise ValueError(f"mixup alpha must be > 0, got {alpha}")
-    u = torch.rand((), generator=generator, device=generator.device, dtype=torch.float64).item()
+    if generator.device.type != "cpu":
+        raise ValueError(f"sample_lambda needs a CPU generator (Context.rng_pair), got one on {generator.device}: "
+                         "reading a device draw on the host waits for the device")
+    u = torch.rand((), generator=generator, dtype=torch.float64).item()  # a host tensor: no device involved
     lam = float(betaincinv(alpha, alpha, u))
     return max(lam, 1.0 - lam)
 

@@ -42,8 +42,9 @@ class Prototypes(nn.Module):
         rank = one_hot.cumsum(dim=0).gather(1, labels[:, None]).squeeze(1)  # (B,)
         count = one_hot.sum(dim=0)  # (C,) n_c
         # γ^e is computed as a float power of the buffer's dtype (no float64: MPS lacks it); pow is accurate
-        # to about one ulp, far below the EMA's own rounding.
-        gamma = torch.tensor(momentum, dtype=protos.dtype, device=protos.device)
+        # to about one ulp, far below the EMA's own rounding. torch.full, not torch.tensor: a fill on the
+        # device, where torch.tensor would copy a host number over and wait for the device.
+        gamma = torch.full((), momentum, dtype=protos.dtype, device=protos.device)
         weight = (1 - gamma) * gamma.pow((count[labels] - rank).to(protos.dtype))  # (B,) (1−γ) γ^(n−k)
         decay = gamma.pow(count.to(protos.dtype))  # (C,) γ^n_c, 1 for absent classes
         added = torch.zeros_like(protos).index_add_(0, labels, z * weight[:, None])  # (C, D)

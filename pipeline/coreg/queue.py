@@ -35,22 +35,23 @@ class FeatureQueue(nn.Module):
         """Append a batch in order, overwriting the oldest entries; keys (B, D), labels (B, C), conf (B,).
 
         Wraps around the end of the ring. If B ≥ K only the last K rows survive, as they would after
-        pushing the batch one row at a time.
+        pushing the batch one row at a time. `ptr` and `filled` stay on the device and are advanced there:
+        reading them on the host (`int(self.ptr)`) would wait for the device at every step.
         """
         k, b = self.size, keys.shape[0]
         if b == 0:
             return
-        start = int(self.ptr)
+        start = self.ptr  # () long, on the device
         if b > k:  # the first b − k rows would be overwritten within this same batch
-            start = (start + b - k) % k
+            start = (start + (b - k)) % k
             keys, labels, conf = keys[-k:], labels[-k:], conf[-k:]
         n = keys.shape[0]
         idx = (start + torch.arange(n, device=self.keys.device)) % k  # (n,) distinct slots since n ≤ K
         self.keys[idx] = keys.detach().to(self.keys)
         self.labels[idx] = labels.detach().to(self.labels)
         self.conf[idx] = conf.detach().to(self.conf.device).bool()
-        self.ptr.fill_((start + n) % k)
-        self.filled.fill_(min(int(self.filled) + b, k))
+        self.ptr.copy_((start + n) % k)
+        self.filled.copy_((self.filled + b).clamp_max(k))
 
     def contents(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(keys (K, D), labels (K, C), conf (K,) bool, valid (K,) bool); only written slots are valid.

@@ -132,9 +132,9 @@ def coreg_step(
         us = [view(x_u, n_u, rows_u, "s", "u", k) for k in range(2)]
     x_all = _gather_blocks(ctx, ps[0], ps[1], us[0], us[1])  # (2n_p + 2n_u, 3, H, W)
     t_all = _gather_blocks(ctx, t_p, t_p, t_u, t_u)  # (2n_p + 2n_u, C)
-    g_mix = ctx.rng(*keys, "mixup")
-    lam = sample_lambda(hp.mixup_alpha, g_mix)
-    perm = torch.randperm(x_all.shape[0], generator=g_mix, device=g_mix.device).to(dev)
+    g_host, g_dev = ctx.rng_pair(*keys, "mixup")
+    lam = sample_lambda(hp.mixup_alpha, g_host)  # a host float: drawn on the host, never read from the device
+    perm = torch.randperm(x_all.shape[0], generator=g_dev, device=g_dev.device).to(dev)
     x_mix, t_mix = mixup(x_all, t_all, lam=lam, perm=perm)
     mine = torch.cat(
         [torch.arange(n_p, device=dev)[rows_p], n_p + torch.arange(n_p, device=dev)[rows_p],

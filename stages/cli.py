@@ -1,8 +1,10 @@
-"""The `coreg` command line: a thin typer app over the stages.
+"""The `coreg` command line: a thin typer app over the stages (`python -m stages.cli` = `coreg`).
 
-Options are generated from the config dataclasses in `pipeline/config.py`, so the CLI, the defaults and the
-resolved config written beside each output can never drift apart. Heavy libraries (torch, open_clip,
-transformers, datasets) are imported inside the commands: `coreg --help` stays instant.
+It belongs to the application, beside the stages it calls, not to the library: `pipeline` never imports
+`stages` (docs/design.md, Layout). Options are generated from the config dataclasses in `pipeline/config.py`,
+so the CLI, the defaults and the resolved config written beside each output can never drift apart. Heavy
+libraries (torch, open_clip, transformers, datasets) are imported inside the commands: `coreg --help` stays
+instant.
 """
 
 from __future__ import annotations
@@ -237,7 +239,7 @@ _export_params = [
 _command("export", _export_params, _export, "Export the student to ONNX or TorchScript (same probabilities as predict).")
 
 
-def main() -> None:  # pragma: no cover - `python -m pipeline.cli`
+def main() -> None:  # pragma: no cover - `python -m stages.cli`
     app()
 
 
