@@ -215,6 +215,8 @@ def run_one(method: str, setting: str, seed: int, ann: Path, work: Path, args) -
         if res["options"] != train_options(args, method):
             raise SystemExit(f"{res_file} was made with other options ({' '.join(res['options'])}); "
                              "use another --work for these options")  # fmt: skip
+        if res.get("preset") != preset_fingerprint(args, method) and args.table_only:  # shown, flagged in the table
+            return {**res, "stale_preset": True}
         if res.get("preset") != preset_fingerprint(args, method):
             raise SystemExit(f"{res_file} was trained under other preset rules (pipeline/presets.py changed since); "
                              f"delete it to retrain, or use another --work")  # fmt: skip

@@ -110,4 +110,14 @@ def table(results: list[dict], args, *, options: list[str], methods: tuple[str, 
                     f"{ms(d('diag_pseudo_acc_p'))} | {ms(d('diag_pseudo_acc_u'))} |"
                 )
             lines.append("")
+    stale = [r for r in results if r.get("stale_preset")]
+    if stale:  # --table-only over results trained before pipeline/presets.py changed: shown, never mixed silently
+        lines += ["## Rows trained under earlier default-preset rules", "",
+                  "These runs were made before the default preset changed; what the preset filled for them "
+                  "(options a row names explicitly override it):", ""]  # fmt: skip
+        for r in stale:
+            p = r.get("preset") or {}
+            lines.append(f"- {r['setting']}, seed {r['seed']}, `{r['method']}`: " + ", ".join(f"{k}={v}" for k, v in p.items()
+                         if k in ("warmup_loss", "mix_views", "division", "epoch_steps", "partner_scores")) + (", mix_views=strong" if "mix_views" not in p else ""))  # fmt: skip
+        lines.append("")
     return "\n".join(lines)

@@ -106,8 +106,8 @@ class TrainConfig:
     division: str = _f("", "global (one GMM over all rows, paper) | class (one GMM per class the network picks inside the set, so every class keeps its share of P; not in the paper); unset = preset (default: class)", from_warmup=True, panel=COREG)
     epoch_steps: str = _f("", "p (an epoch = one pass over P, paper) | all (an epoch = N/batch steps, the P and U loaders both cycle; not in the paper); unset = preset (default: all)", from_warmup=True, panel=COREG)
     partner_scores: str = _f("", "net (the partner's candidate-masked prediction, paper Eq. 5) | vlm (that prediction times the annotator's probabilities, renormalised inside the set; not in the paper); unset = preset", from_warmup=True, panel=COREG)
-    warmup_loss: str = _f("", "paper (partial CE + negative entropy) | vlm (soft CE to the annotator's probabilities inside the set, a warm-up that ranks the candidates; not in the paper) | vlm-sharp (the same targets sharpened with --sharpen-t; experimental, bench/results/accuracy_notes.md) | vlm-hard (one-hot on the annotator's top class inside the set, uniform over ties); unset = preset (default: vlm)", panel=COREG)
-    mix_views: str = _f("", "strong (the self-training and contrastive views are RandAugment + Cutout, paper) | weak (crop and flip only, as the co-pseudo-label views; not in the paper); unset = preset", from_warmup=True, panel=COREG)
+    warmup_loss: str = _f("", "paper (partial CE + negative entropy) | vlm (soft CE to the annotator's probabilities inside the set, a warm-up that ranks the candidates; not in the paper) | vlm-sharp (the same targets sharpened with --sharpen-t; experimental, bench/results/accuracy_notes.md) | vlm-hard (one-hot on the annotator's top class inside the set, uniform over ties; not in the paper); unset = preset (default: vlm-hard)", panel=COREG)
+    mix_views: str = _f("", "strong (the self-training and contrastive views are RandAugment + Cutout, paper) | weak (crop and flip only, as the co-pseudo-label views; not in the paper); unset = preset (default: weak)", from_warmup=True, panel=COREG)
     dist_align: bool = _f(True, "distribution alignment of division scores (code-only)", from_warmup=True, panel=COREG)
     k_views: int = _f(2, "weak views averaged for the self-prediction", range=(1, None), from_warmup=True, panel=COREG)
     sharpen_t: float = _f(0.5, "T, temperature of the pseudo-label sharpening", gt=0, from_warmup=True, panel=COREG)
@@ -130,7 +130,8 @@ class TrainConfig:
     contrast: str = _f("noisy", "noisy (unconfident selection) | supcon ('w/ SupCont')", choices=("noisy", "supcon"), from_warmup=True, panel=COREG)
     predict_with: str = _f("ensemble", "ensemble (sum of both networks' logits) | net1 | net2", choices=("ensemble", "net1", "net2"), panel=MODEL)
     # not in the paper (off by default): a guard against class collapse on weak students
-    prior_penalty: float = _f(0.0, "weight of DivideMix's uniform-prior penalty on the mixed batch (not in Co-Reg; 0 = off)", range=(0, None), from_warmup=True, panel=COREG)
+    prior_penalty: float = _f(0.0, "weight of DivideMix's prior penalty on the mixed batch (not in Co-Reg; 0 = off)", range=(0, None), from_warmup=True, panel=COREG)
+    prior: str = _f("uniform", "the class prior of --prior-penalty: uniform (DivideMix) | annotator (the annotator's probabilities inside the sets, averaged over the training rows: no balance assumed; not in any paper)", choices=("uniform", "annotator"), from_warmup=True, panel=COREG)
     save_every: int = _f(1, "checkpoint every N epochs", range=(1, None), panel=SYSTEM)
     # --- baselines (pipeline/baselines/; each module's docstring cites its paper) ---
     kd_t: float = _f(1.0, "kd: distillation temperature (1 = the annotator's own distribution)", gt=0, only=("kd",), panel=BASELINES)

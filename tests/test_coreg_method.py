@@ -501,3 +501,17 @@ def test_mix_views_option_picks_the_augmentation_of_the_self_training_views(monk
     out = m.train_epoch(1, ctx)
     assert all_finite(out)
     assert (len(calls) == 0) if views == "weak" else (len(calls) > 0 and len(calls) % 4 == 0)
+
+
+def test_annotator_prior_of_the_prior_penalty():
+    """--prior annotator: the penalty pulls the batch-mean prediction towards the annotator's own class shares
+    inside the sets (no balance assumed), not towards uniform; zero exactly at that prior."""
+    from pipeline.coreg.losses import prior_penalty, ranked_targets
+
+    ctx = make_ctx()
+    m, (_, r) = run(make_cfg(prior_penalty=1.0, prior="annotator"), ctx, [0, 1])
+    expected = ranked_targets(ctx.vlm_probs, m._candidates(ctx)).mean(0)
+    assert torch.allclose(m.prior, expected) and r["net1/prior"] >= 0 and all_finite(r)
+    skewed = torch.tensor([0.6, 0.3, 0.1])
+    assert float(prior_penalty(skewed.expand(4, 3), prior=skewed)) == pytest.approx(0.0, abs=1e-6)
+    assert float(prior_penalty(torch.full((4, 3), 1 / 3), prior=skewed)) > 0.05

@@ -93,11 +93,13 @@ def self_training_loss(
     return {"l_x": l_x, "l_u": l_u, "loss": l_x + lambda_u * l_u}
 
 
-def prior_penalty(probs: Tensor) -> Tensor:
-    """Σ_j π_j log(π_j / p̄_j), π uniform, p̄ the batch-mean prediction: keeps the mixed batch from
-    collapsing onto a few classes (DivideMix Eq. 12)."""
+def prior_penalty(probs: Tensor, prior: Tensor | None = None) -> Tensor:
+    """Σ_j π_j log(π_j / p̄_j), p̄ the batch-mean prediction, π uniform (DivideMix Eq. 12) or a given (C,)
+    prior: keeps the mixed batch from collapsing onto a few classes."""
     c = probs.shape[1]
-    prior = torch.full((c,), 1.0 / c, device=probs.device)
+    if prior is None:
+        prior = torch.full((c,), 1.0 / c, device=probs.device)
+    prior = prior.to(probs.device).float().clamp_min(1e-12)
     return (prior * torch.log(prior / probs.float().mean(dim=0).clamp_min(1e-12))).sum()
 
 

@@ -59,6 +59,7 @@ class CoReg(TwoNetworks):
         self.queues = {n: FeatureQueue(cfg.queue_size, cfg.proj_dim, num_classes) for n in NETS}
         self.history = {n: LossHistory(num_rows, history=cfg.gmm_history) for n in NETS}
         self.protos = Prototypes(num_classes, cfg.proj_dim)
+        self.prior: Tensor | None = None  # --prior annotator: set from the data at every epoch (train_epoch)
 
     def modules(self) -> dict[str, nn.Module]:
         mods: dict[str, nn.Module] = {"prototypes": self.protos}
@@ -74,6 +75,8 @@ class CoReg(TwoNetworks):
         for opt in self.opts.values():
             set_lr(opt, lr)
         cand = self._candidates(ctx)
+        # --prior annotator (not in any paper): the class shares the annotator's own ranking implies, no balance assumed
+        self.prior = ranked_targets(ctx.vlm_probs, cand).mean(0) if cfg.prior == "annotator" else None
         if epoch < cfg.warmup_epochs:
             metrics = {}
             for i, n in enumerate(NETS):
@@ -216,7 +219,7 @@ class CoReg(TwoNetworks):
             lambda_proto=cfg.lambda_proto, lambda_cont=cfg.lambda_cont,
             representation=epoch > cfg.warmup_epochs + cfg.start_cont,  # code-only delayed start (§3.7)
             co_pseudo_labels=cfg.co_pseudo_labels, prototypes=cfg.prototypes, contrast=cfg.contrast,
-            prior_penalty=cfg.prior_penalty, weak_mix=cfg.mix_views == "weak",
+            prior_penalty=cfg.prior_penalty, prior=self.prior, weak_mix=cfg.mix_views == "weak",
         )
 
 

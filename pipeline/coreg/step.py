@@ -49,7 +49,8 @@ class StepParams:
     co_pseudo_labels: bool
     prototypes: bool
     contrast: str
-    prior_penalty: float = 0.0  # not in the paper: DivideMix's uniform-prior penalty (anti-collapse), 0 = off
+    prior_penalty: float = 0.0  # not in the paper: DivideMix's prior penalty (anti-collapse), 0 = off
+    prior: Tensor | None = None  # (C,) its class prior; None = uniform (DivideMix)
     weak_mix: bool = False  # --mix-views weak (not in the paper): self-training and contrastive views are weak
 
 
@@ -148,7 +149,7 @@ def coreg_step(
     loss = terms["loss"]
     out = {"l_x": terms["l_x"].detach(), "l_u": terms["l_u"].detach()}
     if hp.prior_penalty > 0:  # over the global mixed batch, so every process adds the same term
-        pen = prior_penalty(ctx.dist.gather_grad(logits.softmax(dim=1)))
+        pen = prior_penalty(ctx.dist.gather_grad(logits.softmax(dim=1)), prior=hp.prior)
         loss = loss + hp.prior_penalty * pen
         out["prior"] = pen.detach()
 
