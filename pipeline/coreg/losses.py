@@ -68,6 +68,13 @@ def ranked_targets(vlm_probs: Tensor, candidates: Tensor) -> Tensor:
     return masked_scores(vlm_probs.float(), candidates)
 
 
+def top_targets(targets: Tensor) -> Tensor:
+    """(N, C) the limit T -> 0 of sharpening `targets`: one-hot on each row's top class, uniform over a tied
+    top (a synthetic annotator's uniform set stays uniform instead of taking argmax's first, lowest class)."""
+    top = targets >= targets.amax(1, keepdim=True) * (1 - 1e-6)
+    return top.float() / top.sum(1, keepdim=True)
+
+
 # ---------------------------------------------------------------- self-training (§3.4)
 
 

@@ -31,7 +31,7 @@ from pipeline.coreg.division import (
     prediction_balance,
     split,
 )
-from pipeline.coreg.losses import ranked_targets
+from pipeline.coreg.losses import ranked_targets, top_targets
 from pipeline.coreg.prototypes import Prototypes
 from pipeline.coreg.pseudo_labels import sharpen
 from pipeline.coreg.queue import FeatureQueue, copy_weights
@@ -115,9 +115,8 @@ class CoReg(TwoNetworks):
         targets = ranked_targets(ctx.vlm_probs, cand) if ranked else None  # (N, C) the annotator's ranking inside the set
         if self.cfg.warmup_loss == "vlm-sharp":  # sharpened with the method's own T (§3.3), as every Co-Reg target
             targets = sharpen(targets, T=self.cfg.sharpen_t)
-        elif self.cfg.warmup_loss == "vlm-hard":  # the limit T -> 0 of sharpening: the top class inside the set, or
-            top = targets >= targets.amax(1, keepdim=True) * (1 - 1e-6)  # uniform over tied tops (a synthetic
-            targets = top.float() / top.sum(1, keepdim=True)  # annotator's uniform set stays uniform, not argmax's first)
+        elif self.cfg.warmup_loss == "vlm-hard":  # the annotator's top class inside the set
+            targets = top_targets(targets)
         for step, (glob, loc, _) in enumerate(ctx.progress(batches, total, f"warm-up {n}")):
             opt.zero_grad(set_to_none=True)
             out = warmup_step(ctx, net, idx=loc, n=glob.numel(), candidates=cand, keys=("warm", epoch, i, step), targets=targets)

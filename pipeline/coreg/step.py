@@ -125,12 +125,10 @@ def coreg_step(
         nets.prototypes.update(ctx.dist.gather(z_p), ctx.dist.gather(t_p.argmax(1)), momentum=hp.proto_m)
 
     # --- self-training with mixup over the canonical global batch (§3.4) ---
-    if hp.weak_mix:  # weak views of their own (keys apart from the co-pseudo-label views above)
-        ps = [view(x_p, n_p, rows_p, "w", "p", "mix", k) for k in range(2)]
-        us = [view(x_u, n_u, rows_u, "w", "u", "mix", k) for k in range(2)]
-    else:
-        ps = [view(x_p, n_p, rows_p, "s", "p", k) for k in range(2)]  # 2 strong views
-        us = [view(x_u, n_u, rows_u, "s", "u", k) for k in range(2)]
+    # 2 strong views (paper), or 2 weak ones with keys apart from the co-pseudo-label views above
+    kind, tag = ("w", ("mix",)) if hp.weak_mix else ("s", ())
+    ps = [view(x_p, n_p, rows_p, kind, "p", *tag, k) for k in range(2)]
+    us = [view(x_u, n_u, rows_u, kind, "u", *tag, k) for k in range(2)]
     x_all = _gather_blocks(ctx, ps[0], ps[1], us[0], us[1])  # (2n_p + 2n_u, 3, H, W)
     t_all = _gather_blocks(ctx, t_p, t_p, t_u, t_u)  # (2n_p + 2n_u, C)
     g_host, g_dev = ctx.rng_pair(*keys, "mixup")
