@@ -21,134 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("coreg", "coreg_paper", "ce", "kd", "proden", "cc", "cr_dpll", "pico", "alim", "dividemix")
 DEFAULT_SETTINGS = ("clean", "instance", "synthetic:q=0.03,eta=0.1", "synthetic:q=0.03,eta=0.3")
-
-
-def cli(*args: str, threads: int) -> float:
-    """Run `coreg ...` in a fresh process (as a user would); returns its wall time in seconds."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}  # fmt: skip
-    t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "stages.cli", *args], cwd=REPO, env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"coreg {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return time.perf_counter() - t0
-
-
-# ----------------------------------------------------------------------------------------------- data
-def image_folder(data: Path, work: Path, *, train: int, test: int, pool: int, subset: str = "report") -> tuple[Path, Path, list[str]]:
-    """Symlinked subsets: work/images/{train,test}/<class>/ for the student, work/pool/<class>/ for the
-    instance annotator. The subset is fixed (seed 1234), so every seed and method sees the same images.
-    `subset="dev"` is the held-out set for choosing defaults: its train and test images are both drawn from the
-    training images the reported subset leaves unused (the annotator's pool is the same), so nothing tuned
-    on it has seen a reported image."""
-    classes = sorted(p.name for p in (data / "train").iterdir() if p.is_dir())
-    rng = np.random.default_rng(1234)
-    images, pool_dir = work / "images", work / "pool"
-    stamp = f"train={train} test={test} pool={pool} data={data.resolve()}" + ("" if subset == "report" else f" subset={subset}")
-    if (images / "done").exists() and (images / "done").read_text() not in ("", stamp):
-        raise SystemExit(f"{work} holds another subset ({(images / 'done').read_text()}); use another --work")
-    if not (images / "done").exists():
-        for split, n in (("train", train), ("test", test)):
-            for c in classes:
-                files = sorted((data / split / c).iterdir())
-                order = rng.permutation(len(files))  # drawn for both subsets: the same pool, the same stream
-                if split == "test" and subset == "dev":
-                    continue
-                picks = {"": order[:n]} if split == "test" else {"": order[:n], "pool": order[n : n + pool]}
-                if subset == "dev":  # train and test from the training images after the reported train + pool
-                    rest = order[train + pool :]
-                    picks = {"": rest[:train], "pool": order[train : train + pool], "dev-test": rest[train : train + test]}
-                    if len(rest) < train + test:
-                        raise SystemExit(f"{data}/train/{c} has {len(files)} images; the dev subset needs {2 * train + pool + test}")
-                for kind, idx in picks.items():
-                    dst = {"pool": pool_dir / c, "dev-test": images / "test" / c}.get(kind, images / split / c)
-                    dst.mkdir(parents=True, exist_ok=True)
-                    for i in idx:
-                        (dst / files[i].name).symlink_to(files[i].resolve())
-                if split == "train" and len(files) < train + pool:
-                    raise SystemExit(f"{data}/train/{c} has {len(files)} images; need {train + pool}")
-        (images / "done").write_text(stamp)
-    return images, pool_dir, classes
-
-
-def load_folder(root: Path, classes: list[str]):
-    """(uint8 (N, 3, H, W) tensor, labels, relative paths) of <root>/<class>/*."""
-    import torch
-    from PIL import Image
-
-    xs, ys, paths = [], [], []
-    for c, name in enumerate(classes):
-        for f in sorted((root / name).iterdir()):
-            xs.append(np.asarray(Image.open(f).convert("RGB")))
-            ys.append(c)
-            paths.append(f"{name}/{f.name}")
-    return torch.as_tensor(np.stack(xs)).permute(0, 3, 1, 2).contiguous(), np.array(ys), paths
-
-
-# ------------------------------------------------------------------------------------------ annotate
-def annotate_instance(images: Path, pool: Path, classes: list[str], out: Path, *, seed: int, shots: int, reg: float = 1.0) -> None:
-    """The instance-dependent annotator → a dataset in the stage contract (DESIGN.md) + annotation.json.
-    `shots` (labelled pool images per class per prompt) and `reg` (inverse L2 strength) set its accuracy."""
-    import datasets
-
-    from bench.instance_annotator import PROMPTS, InstanceAnnotator
-    from pipeline.schema import features
-
-    px, py, _ = load_folder(pool, classes)
-    ann = InstanceAnnotator(shots=shots, seed=seed, reg=reg).fit(px, py)
-    feats = features(classes)
-    feats["votes"] = datasets.Sequence(datasets.Value("int32"))
-    splits, stats = {}, {}
-    for split in ("train", "test"):
-        x, y, paths = load_folder(images / split, classes)
-        a = ann.annotate(x)
-        cand = a["candidates"]
-        splits[split] = datasets.Dataset.from_dict({
-            "image": [{"bytes": (images / split / p).read_bytes(), "path": None} for p in paths],
-            "path": paths, "label": y.tolist(), "trusted": [False] * len(y),
-            "candidates": [np.flatnonzero(r).tolist() for r in cand], "vlm_probs": a["vlm_probs"].tolist(),
-            "vlm_pred": a["vlm_pred"].tolist(), "votes": a["votes"].tolist(),
-        }, features=feats)  # fmt: skip
-        stats[split] = annotator_stats(cand, a["vlm_pred"], y)
-    datasets.DatasetDict(splits).save_to_disk(str(out))
-    info = {"annotator": "bench-instance", "prompts": list(PROMPTS), "shots_per_class": shots, "reg": reg, "seed": seed,
-            "candidate_rule": "union", "classes": classes, "stats": stats}  # fmt: skip
-    (out / "annotation.json").write_text(json.dumps(info, indent=1))
-
-
-def annotator_stats(cand: np.ndarray, pred: np.ndarray, y: np.ndarray) -> dict:
-    return {"n": int(len(y)), "zero_shot_accuracy": float((pred == y).mean()),
-            "coverage": float(cand[np.arange(len(y)), y].mean()), "mean_candidates": float(cand.sum(1).mean())}  # fmt: skip
-
-
-def annotate(setting: str, seed: int, images: Path, pool: Path, classes: list[str], work: Path, args) -> Path:
-    out = work / "annotated" / setting.replace(":", "_").replace(",", "_").replace("=", "") / f"seed{seed}"
-    if (out / "dataset_dict.json").exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if setting == "instance" or setting.startswith("instance:"):
-        opts = dict(kv.split("=") for kv in setting.split(":", 1)[1].split(",")) if ":" in setting else {}
-        annotate_instance(images, pool, classes, out, seed=seed, shots=int(opts.get("shots", args.shots)),
-                          reg=float(opts.get("reg", 1.0)))  # fmt: skip
-    elif setting == "clean" or setting.startswith("synthetic:"):
-        noise = "q=0,eta=0" if setting == "clean" else setting.split(":", 1)[1]
-        cli("annotate", str(images), str(out), "--annotator", "synthetic", "--noise", noise,
-            "--seed", str(seed), "--num-workers", "1", threads=args.threads)  # fmt: skip
-    else:
-        raise SystemExit(f"unknown setting {setting!r}: use clean, synthetic:q=Q,eta=E, instance or instance:shots=K,reg=R")
-    return out
 
 
 def train_options(args, method: str = "ce") -> list[str]:
@@ -208,24 +87,26 @@ def slug(text: str) -> str:
 
 
 def run_one(method: str, setting: str, seed: int, ann: Path, work: Path, args) -> dict:
+    from bench.accuracy_data import cli
+
     tag = f"{setting}|{seed}|{method}"
     res_file = work / "results" / (slug(tag) + ".json")
+    options, preset = train_options(args, method), preset_fingerprint(args, method)
     if res_file.exists():
         res = json.loads(res_file.read_text())
-        if res["options"] != train_options(args, method):
+        if res["options"] != options:
             raise SystemExit(f"{res_file} was made with other options ({' '.join(res['options'])}); "
                              "use another --work for these options")  # fmt: skip
-        if res.get("preset") != preset_fingerprint(args, method) and args.table_only:  # shown, flagged in the table
-            return {**res, "stale_preset": True}
-        if res.get("preset") != preset_fingerprint(args, method):
+        if res.get("preset") != preset:
+            if args.table_only:  # shown, flagged in the table
+                return {**res, "stale_preset": True}
             raise SystemExit(f"{res_file} was trained under other preset rules (pipeline/presets.py changed since); "
                              f"delete it to retrain, or use another --work")  # fmt: skip
         if "test_classes_predicted" not in res.get("diag", {}) and (work / "models" / res_file.stem / "metrics.jsonl").exists():
             res["diag"] = diagnostics(work / "models" / res_file.stem)  # results cached before diagnostics existed
         return res
     for res in args.reused.get(tag, []):  # an earlier session's run of exactly this (options and preset rules)
-        if (res["options"] == train_options(args, method) and res.get("preset") == preset_fingerprint(args, method)
-                and res.get("subset", "report") == args.subset):  # fmt: skip
+        if res["options"] == options and res.get("preset") == preset and res.get("subset", "report") == args.subset:
             res_file.parent.mkdir(parents=True, exist_ok=True)
             res_file.write_text(json.dumps(res, indent=1))
             return res
@@ -234,7 +115,7 @@ def run_one(method: str, setting: str, seed: int, ann: Path, work: Path, args) -
         import shutil
 
         shutil.rmtree(model)
-    wall = cli("train", str(ann), str(model), "--seed", str(seed), *train_options(args, method), threads=args.threads)
+    wall = cli("train", str(ann), str(model), "--seed", str(seed), *options, threads=args.threads)
     cli("evaluate", str(model), str(ann), "--split", "test", "--no-measure-vlm", "--overrule-sheet", "0", threads=args.threads)
     report = json.loads((model / "eval-test" / "report.json").read_text())
     last = json.loads((model / "metrics.jsonl").read_text().splitlines()[-1])
@@ -243,8 +124,8 @@ def run_one(method: str, setting: str, seed: int, ann: Path, work: Path, args) -
         "setting": setting, "seed": seed, "method": method, "test_acc": report["student_accuracy"],
         "test_acc_net1": last.get("test_acc_net1"), "zero_shot_test": report["zero_shot_accuracy"],
         "train_coverage": train_stats["coverage"], "train_mean_candidates": train_stats["mean_candidates"],
-        "train_zero_shot": train_stats["zero_shot_accuracy"], "wall_s": wall, "options": train_options(args, method),
-        "diag": diagnostics(model), "preset": preset_fingerprint(args, method), "subset": args.subset,
+        "train_zero_shot": train_stats["zero_shot_accuracy"], "wall_s": wall, "options": options,
+        "diag": diagnostics(model), "preset": preset, "subset": args.subset,
     }  # fmt: skip
     res_file.parent.mkdir(parents=True, exist_ok=True)
     res_file.write_text(json.dumps(res, indent=1))
@@ -253,6 +134,7 @@ def run_one(method: str, setting: str, seed: int, ann: Path, work: Path, args) -
 
 
 def main() -> None:
+    from bench.accuracy_data import annotate, image_folder
     from bench.accuracy_table import table
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -113,11 +113,11 @@ def table(results: list[dict], args, *, options: list[str], methods: tuple[str, 
     stale = [r for r in results if r.get("stale_preset")]
     if stale:  # --table-only over results trained before pipeline/presets.py changed: shown, never mixed silently
         lines += ["## Rows trained under earlier default-preset rules", "",
-                  "These runs were made before the default preset changed; what the preset filled for them "
-                  "(options a row names explicitly override it):", ""]  # fmt: skip
+                  "These runs were made before the default preset changed; the mechanisms the preset filled for them "
+                  "(options a row names explicitly override it; an option missing here did not exist yet, so the "
+                  "run used the paper's mechanism):", ""]  # fmt: skip
         for r in stale:
-            p = r.get("preset") or {}
-            lines.append(f"- {r['setting']}, seed {r['seed']}, `{r['method']}`: " + ", ".join(f"{k}={v}" for k, v in p.items()
-                         if k in ("warmup_loss", "mix_views", "division", "epoch_steps", "partner_scores")) + (", mix_views=strong" if "mix_views" not in p else ""))  # fmt: skip
+            mech = ", ".join(f"{k}={v}" for k, v in (r.get("preset") or {}).items() if isinstance(v, str) and k != "arch")
+            lines.append(f"- {r['setting']}, seed {r['seed']}, `{r['method']}`: {mech}")
         lines.append("")
     return "\n".join(lines)

@@ -82,7 +82,7 @@ def test_accuracy_dev_subset_is_disjoint(tmp_path):
     """`--subset dev` (for choosing defaults) never shows a reported image: its train and test images come
     from training images the reported subset leaves unused, and the annotator's pool is the same."""
     sys.path.insert(0, str(REPO))
-    from bench.accuracy import image_folder
+    from bench.accuracy_data import image_folder
 
     make_image_folder(tmp_path / "d", classes=("a", "b"), n_per_class=9, size=8, split=("train", "test"))
     names = {}
