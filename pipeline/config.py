@@ -131,7 +131,8 @@ class TrainConfig:
     predict_with: str = _f("ensemble", "ensemble (sum of both networks' logits) | net1 | net2", choices=("ensemble", "net1", "net2"), panel=MODEL)
     # not in the paper (off by default): a guard against class collapse on weak students
     prior_penalty: float = _f(0.0, "weight of DivideMix's prior penalty on the mixed batch (not in Co-Reg; 0 = off)", range=(0, None), from_warmup=True, panel=COREG)
-    prior: str = _f("uniform", "the class prior of --prior-penalty: uniform (DivideMix) | annotator (the annotator's probabilities inside the sets, averaged over the training rows: no balance assumed; not in any paper)", choices=("uniform", "annotator"), from_warmup=True, panel=COREG)
+    prior: str = _f("uniform", "the class prior of --prior-penalty and --align-targets: uniform (DivideMix) | annotator (the annotator's probabilities inside the sets, averaged over the training rows: no balance assumed; not in any paper)", choices=("uniform", "annotator"), from_warmup=True, panel=COREG)
+    align_targets: bool = _f(False, "distribution alignment of the training targets to --prior: each network's own weak-view prediction (P and U rows) and the partner's U guess are scaled by prior / that network's mean prediction at the division pass, before sharpening (ReMixMatch-style; not in the paper)", from_warmup=True, panel=COREG)
     save_every: int = _f(1, "checkpoint every N epochs", range=(1, None), panel=SYSTEM)
     # --- baselines (pipeline/baselines/; each module's docstring cites its paper) ---
     kd_t: float = _f(1.0, "kd: distillation temperature (1 = the annotator's own distribution)", gt=0, only=("kd",), panel=BASELINES)

@@ -515,3 +515,37 @@ def test_annotator_prior_of_the_prior_penalty():
     skewed = torch.tensor([0.6, 0.3, 0.1])
     assert float(prior_penalty(skewed.expand(4, 3), prior=skewed)) == pytest.approx(0.0, abs=1e-6)
     assert float(prior_penalty(torch.full((4, 3), 1 / 3), prior=skewed)) > 0.05
+
+
+def test_align_of_a_guess():
+    """DA of a guess: scaled by prior / mean prediction and renormalised; a network whose mean already is the
+    prior keeps its guesses; an under-predicted class is raised."""
+    from pipeline.coreg.pseudo_labels import align
+
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.45, 0.05]])
+    assert align(p, None) is p
+    assert torch.allclose(align(p, torch.ones(3)), p)
+    prior, mean = torch.tensor([0.5, 0.25, 0.25]), torch.tensor([0.5, 0.45, 0.05])  # class 2 under-predicted 5x
+    q = align(p, prior / mean)
+    assert torch.allclose(q.sum(1), torch.ones(2))
+    assert q[0, 2] > p[0, 2] and q[1, 2] > p[1, 2] and q[1, 1] < p[1, 1]
+
+
+@pytest.mark.parametrize("prior", ["uniform", "annotator"])
+def test_align_targets_option(prior):
+    """--align-targets: the step gets prior / own mean and prior / partner mean from the division pass, and the
+    training targets (not the division) change; off by default, so the paper's run is untouched."""
+    from pipeline.coreg.losses import ranked_targets
+
+    ctx = make_ctx()
+    assert make_cfg().align_targets is False
+    m_off, (_, r_off) = run(make_cfg(), ctx, [0, 1])
+    m, (_, r) = run(make_cfg(align_targets=True, prior=prior), ctx, [0, 1])
+    expected = torch.full((C,), 1 / C) if prior == "uniform" else ranked_targets(ctx.vlm_probs, m._candidates(ctx)).mean(0)
+    assert torch.allclose(m.prior, expected) and all_finite(r)
+    div = m._divide(2, 0, "net1", ctx, m._candidates(ctx))
+    hp = m._step_params(2, 2.0, own=div, partner=div)
+    assert torch.allclose(hp.align_self * div["mean"], expected, atol=1e-6)
+    assert m._step_params(2, 2.0).align_self is None  # no division given: nothing to align to
+    assert r["net1/n_p"] == r_off["net1/n_p"]  # the division of epoch 1 comes before any aligned target
+    assert r["net1/l_x"] != pytest.approx(r_off["net1/l_x"], abs=1e-7)

@@ -77,6 +77,8 @@ class CoReg(TwoNetworks):
         cand = self._candidates(ctx)
         # --prior annotator (not in any paper): the class shares the annotator's own ranking implies, no balance assumed
         self.prior = ranked_targets(ctx.vlm_probs, cand).mean(0) if cfg.prior == "annotator" else None
+        if cfg.prior == "uniform" and cfg.align_targets:
+            self.prior = torch.full((self.C,), 1.0 / self.C, device=ctx.device)
         if epoch < cfg.warmup_epochs:
             metrics = {}
             for i, n in enumerate(NETS):
@@ -141,6 +143,7 @@ class CoReg(TwoNetworks):
         probs = dist.gather_shards(probs, N)  # (N, C) rows 0..N-1 in order
         net.train()
         counts = torch.bincount(probs.argmax(1), minlength=self.C).float()  # raw predictions, before DA
+        mean = probs.mean(0)  # (C,) the network's mean prediction, before DA: --align-targets divides by it
         if self.cfg.dist_align:
             probs = distribution_align(probs, mean_probs=probs.mean(0))
         loss = self.history[n].push(minmax(division_loss(probs, cand)))  # (N,) mean of the last epochs
@@ -153,7 +156,7 @@ class CoReg(TwoNetworks):
         else:
             w = torch.as_tensor(gmm_clean_prob(loss.cpu().numpy(), seed=seed))
         p_mask, w = split(w.to(ctx.device).float(), threshold=self.cfg.p_threshold, forced_clean=ctx.trusted)
-        return {"w": w, "p": p_mask, "scores": scores, "counts": counts}
+        return {"w": w, "p": p_mask, "scores": scores, "counts": counts, "mean": mean}
 
     def _train(self, epoch, i, n, partner, div, own, ctx) -> dict[str, float]:
         cfg, dist = self.cfg, ctx.dist
@@ -179,7 +182,7 @@ class CoReg(TwoNetworks):
             u_glob = next(u_iter)
             u_loc = u_glob[dist.rows(u_glob.numel())] if u_glob.numel() else u_glob
             t = epoch + step / max(n_steps, 1)
-            hp = self._step_params(epoch, t)
+            hp = self._step_params(epoch, t, own=own, partner=div)
             self.opts[n].zero_grad(set_to_none=True)
             out = coreg_step(
                 ctx, nets, hp, p_idx=p_loc, u_idx=u_loc, n_p=p_glob.numel(), n_u=u_glob.numel(),
@@ -209,8 +212,12 @@ class CoReg(TwoNetworks):
                 m["diag_p_valid"] = float(ctx.candidates[known_p, lab[known_p]].float().mean())
         return m
 
-    def _step_params(self, epoch: int, t: float) -> StepParams:
+    def _step_params(self, epoch: int, t: float, own: dict | None = None, partner: dict | None = None) -> StepParams:
         cfg = self.cfg
+        a_self = a_partner = None
+        if cfg.align_targets and own is not None:  # each guess divided by its own network's mean (DA, ReMixMatch)
+            a_self = self.prior / own["mean"].clamp_min(1e-12)
+            a_partner = self.prior / partner["mean"].clamp_min(1e-12)
         ramp = min(max((t - cfg.warmup_epochs) / max(cfg.rampup_epochs, 1e-8), 0.0), 1.0)  # §3.4 linear ramp
         return StepParams(
             k_views=cfg.k_views, sharpen_t=cfg.sharpen_t, mixup_alpha=cfg.mixup_alpha, lambda_u=cfg.lambda_u * ramp,
@@ -219,6 +226,7 @@ class CoReg(TwoNetworks):
             representation=epoch > cfg.warmup_epochs + cfg.start_cont,  # code-only delayed start (§3.7)
             co_pseudo_labels=cfg.co_pseudo_labels, prototypes=cfg.prototypes, contrast=cfg.contrast,
             prior_penalty=cfg.prior_penalty, prior=self.prior, weak_mix=cfg.mix_views == "weak",
+            align_self=a_self, align_partner=a_partner,
         )
 
 

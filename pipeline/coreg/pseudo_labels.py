@@ -25,6 +25,15 @@ def sharpen(p: Tensor, *, T: float) -> Tensor:
     return s / s.sum(dim=1, keepdim=True)
 
 
+def align(p: Tensor, ratio: Tensor | None) -> Tensor:
+    """Distribution alignment of a guess (ReMixMatch, Berthelot et al. 2020): p ∝ p · ratio, rows renormalised,
+    with ratio = prior / the network's mean prediction (C,). None = unchanged. Used by `--align-targets`."""
+    if ratio is None:
+        return p
+    q = p * ratio  # (B, C)
+    return q / q.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
 def labeled_targets(
     partner_masked: Tensor,
     w: Tensor,

@@ -26,7 +26,7 @@ from pipeline.coreg.losses import (
 )
 from pipeline.coreg.mixup import mixup, sample_lambda
 from pipeline.coreg.prototypes import Prototypes
-from pipeline.coreg.pseudo_labels import labeled_targets, unlabeled_targets
+from pipeline.coreg.pseudo_labels import align, labeled_targets, unlabeled_targets
 from pipeline.coreg.queue import FeatureQueue, momentum_update
 from pipeline.training import Context
 
@@ -52,6 +52,8 @@ class StepParams:
     prior_penalty: float = 0.0  # not in the paper: DivideMix's prior penalty (anti-collapse), 0 = off
     prior: Tensor | None = None  # (C,) its class prior; None = uniform (DivideMix)
     weak_mix: bool = False  # --mix-views weak (not in the paper): self-training and contrastive views are weak
+    align_self: Tensor | None = None  # --align-targets (not in the paper): (C,) prior / own mean prediction
+    align_partner: Tensor | None = None  # the same for the partner's U guess
 
 
 @dataclass
@@ -108,14 +110,14 @@ def coreg_step(
         pw = [view(x_p, n_p, rows_p, "w", "p", k) for k in range(hp.k_views)]
         uw = [view(x_u, n_u, rows_u, "w", "u", k) for k in range(hp.k_views)]
         self_p, z_p = _soft(nets.raw, pw[0], embed=True)  # (bp,C), (bp,D): z of weak view 1 feeds the prototypes
-        self_p = (self_p + sum(_soft(nets.raw, v) for v in pw[1:])) / hp.k_views  # (bp, C)
+        self_p = align((self_p + sum(_soft(nets.raw, v) for v in pw[1:])) / hp.k_views, hp.align_self)  # (bp, C)
         if hp.co_pseudo_labels:
             t_p = labeled_targets(p_scores, p_w, self_p, T=hp.sharpen_t)  # (bp, C)
         else:  # "w/o Co-PL": the network labels itself with its own division
             t_p = labeled_targets(p_self_scores, p_self_w, self_p, T=hp.sharpen_t)
         if u_idx.numel():
-            self_u = sum(_soft(nets.raw, v) for v in uw) / hp.k_views  # (bu, C)
-            part_u = sum(_soft(nets.partner, v) for v in uw) / hp.k_views
+            self_u = align(sum(_soft(nets.raw, v) for v in uw) / hp.k_views, hp.align_self)  # (bu, C)
+            part_u = align(sum(_soft(nets.partner, v) for v in uw) / hp.k_views, hp.align_partner)
             t_u = unlabeled_targets(self_u, part_u, T=hp.sharpen_t, co=hp.co_pseudo_labels)
         else:
             t_u = t_p.new_zeros((0, t_p.shape[1]))
