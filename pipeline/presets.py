@@ -9,8 +9,10 @@ so on small data they are re-derived to mean the same per unit of training, and 
 - `division=class`: one GMM per class (the class the network picks inside the candidate set), so the
   small-loss division cannot starve the classes the warm-up network is least sure of (bench/results/
   accuracy_cifar_small_notes.md §5: P held 72 of 500 trucks).
-- `epoch_steps=all`: an epoch is N/batch steps with both loaders cycling, so Co-Reg takes as many SGD steps as
-  the single-network baselines instead of one pass over P (11% of the rows at the switch on MNIST).
+- `epoch_steps=rows`: an epoch is N/batch steps of one batch shared by P and U in proportion, both loaders
+  cycling, so Co-Reg takes as many SGD steps on as many rows as the single-network baselines instead of one pass
+  over P (11% of the rows at the switch on MNIST). `all` (full P and U batches per step) scored the same on the
+  dev subset in 1.6x the time (bench/results/accuracy_dev.md).
 - `warmup_loss=vlm-hard`: warm-up on the annotator's own top class inside the set (uniform over a tied top),
   a network that ranks the candidates when self-training starts (partial CE + negative entropy leaves it near
   uniform; the annotator's soft probabilities, `vlm`, are flat and train slowly). Not in the paper.
@@ -72,7 +74,7 @@ def default_values(cfg, *, n_rows: int, gpu: bool) -> dict:
     out["queue_size"] = int(min(PAPER["queue_size"], max(2 * b, round(n_rows * PAPER["queue_size"] / PAPER_ROWS))))
     # warm-up on the annotator's top class inside the set (ties stay uniform) and weak self-training views: chosen
     # on the dev subset of bench/accuracy.py (bench/results/accuracy_dev.md), never on a reported one
-    out.update(division="class", epoch_steps="all", warmup_loss="vlm-hard", partner_scores="vlm", mix_views="weak")
+    out.update(division="class", epoch_steps="rows", warmup_loss="vlm-hard", partner_scores="vlm", mix_views="weak")
     return out
 
 

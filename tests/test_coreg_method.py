@@ -453,6 +453,25 @@ def test_default_preset_mechanisms_run_and_take_n_over_b_steps(monkeypatch):
     assert torch.allclose(div["scores"].sum(1), torch.ones(N))
 
 
+def test_epoch_steps_rows_share_one_batch_between_p_and_u(monkeypatch):
+    """--epoch-steps rows (not in the paper): N // B steps, each with B rows in all, P's share of the batch
+    equal to P's share of the rows (to one row), so an epoch is one pass over every row."""
+    import pipeline.coreg.method as method_mod
+
+    cfg = make_cfg(division="class", epoch_steps="rows", warmup_loss="vlm-hard", partner_scores="vlm")
+    ctx = make_ctx()
+    calls = []
+    real = method_mod.coreg_step
+    monkeypatch.setattr(method_mod, "coreg_step", lambda *a, **k: calls.append((k["n_p"], k["n_u"])) or real(*a, **k))
+    m, (w, c) = run(cfg, ctx, range(2))
+    assert all_finite(c)
+    assert len(calls) == 2 * (N // cfg.batch_size)
+    for net, half in (("net1", calls[: len(calls) // 2]), ("net2", calls[len(calls) // 2 :])):
+        n_p = int(c[f"{net}/n_p"])  # the P it trained on (its partner's split)
+        assert all(p + u == cfg.batch_size for p, u in half)
+        assert all(abs(p - cfg.batch_size * n_p / N) <= 1 for p, _ in half)
+
+
 def test_bad_mechanism_option_is_refused():
     from pipeline.errors import CoregError
 

@@ -31,7 +31,7 @@ def test_default_preset_derives_from_data_size_and_device():
     assert c.proto_m == pytest.approx(1 - 0.001 * 25)  # the paper's refresh per epoch at 50k rows
     assert c.moco_m == pytest.approx(0.999 ** (195 / 32))
     assert c.queue_size == 328  # 16% of the rows, like 8192 of 50k
-    assert (c.division, c.epoch_steps, c.warmup_loss, c.partner_scores, c.mix_views) == ("class", "all", "vlm-hard", "vlm", "weak")
+    assert (c.division, c.epoch_steps, c.warmup_loss, c.partner_scores, c.mix_views) == ("class", "rows", "vlm-hard", "vlm", "weak")
     g, _ = resolve(cfg(), n_rows=50_000, gpu=True)
     assert g.arch == "preact_resnet18" and g.batch_size == 256 and g.proto_m == pytest.approx(0.999)
     assert g.epochs == 205 and g.queue_size == 8192  # ceil(40000 / 196)

@@ -162,15 +162,22 @@ class CoReg(TwoNetworks):
         cfg, dist = self.cfg, ctx.dist
         p_rows = div["p"].nonzero().squeeze(1)
         u_rows = (~div["p"]).nonzero().squeeze(1) if cfg.use_unlabeled else div["p"].new_zeros(0, dtype=torch.long)
-        if cfg.epoch_steps == "all" and p_rows.numel() >= dist.world:  # not in the paper: N/batch steps whatever |P|, so the P loader cycles too
-            n_steps = steps_per_epoch(ctx.n, batch_size=cfg.batch_size, world=dist.world, drop_last=True)
-            p_batch = max(dist.world, (min(cfg.batch_size, p_rows.numel()) // dist.world) * dist.world)
+        w, b = dist.world, cfg.batch_size
+        u_cap = b  # the most U rows per step
+        if cfg.epoch_steps in ("all", "rows") and p_rows.numel() >= w:  # not in the paper: N/batch steps whatever |P|, so the P loader cycles too
+            n_steps = steps_per_epoch(ctx.n, batch_size=b, world=w, drop_last=True)
+            p_batch = max(w, (min(b, p_rows.numel()) // w) * w)
+            if cfg.epoch_steps == "rows":  # one batch of B rows shared by P and U in proportion to their sizes, so an
+                # epoch is one pass over all rows, as ce's (half the rows per step of `all`, whose P and U batches are B each)
+                share = p_rows.numel() / max(p_rows.numel() + u_rows.numel(), 1)
+                p_batch = min(p_batch, max(w, round(b * share / w) * w))
+                u_cap = b - p_batch
             p_cycle = cycle(p_rows, p_batch, ctx, ("p-order", epoch, i))
             batches = ((g, g[dist.rows(g.numel())], None) for g in (next(p_cycle) for _ in range(n_steps)))
         else:  # the paper: one pass over P
             n_steps = steps_per_epoch(p_rows.numel(), batch_size=cfg.batch_size, world=dist.world)
             batches = iterate_batches(p_rows, batch_size=cfg.batch_size, generator=ctx.rng("p-order", epoch, i), dist=dist)
-        u_batch = max(dist.world, (min(cfg.batch_size, u_rows.numel()) // dist.world) * dist.world) if u_rows.numel() >= dist.world else 0
+        u_batch = (min(u_cap, u_rows.numel()) // w) * w  # 0 (empty U batches) when U or the cap is below one row per process
         nets = StepNets(self.wrapped[n], self.raw[n], self.keys[n], self.queues[n], self.raw[partner], self.protos)
         self.raw[n].train()
         self.raw[partner].eval()
@@ -235,7 +242,7 @@ def build(cfg, *, num_classes: int, make_net: Callable[[], nn.Module], num_rows:
 
     if cfg.contrast not in ("noisy", "supcon"):
         raise CoregError(f"--contrast {cfg.contrast!r} is unknown; choose noisy or supcon")
-    for name, allowed in (("division", ("global", "class")), ("epoch_steps", ("p", "all")), ("warmup_loss", ("paper", "vlm", "vlm-sharp", "vlm-hard")), ("partner_scores", ("net", "vlm")), ("mix_views", ("strong", "weak"))):
+    for name, allowed in (("division", ("global", "class")), ("epoch_steps", ("p", "all", "rows")), ("warmup_loss", ("paper", "vlm", "vlm-sharp", "vlm-hard")), ("partner_scores", ("net", "vlm")), ("mix_views", ("strong", "weak"))):
         if getattr(cfg, name) not in allowed:
             raise CoregError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is unknown; choose {' or '.join(allowed)}")
     if cfg.prior_penalty < 0:
