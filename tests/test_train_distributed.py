@@ -17,7 +17,10 @@ from safetensors.torch import load_file
 from tests.annotated import make_annotated
 
 ARGS = ["--arch", "small_cnn", "--batch-size", "8", "--warmup-epochs", "1", "--epochs", "3", "--start-cont", "0",
-        "--queue-size", "32", "--num-workers", "0", "--cpu"]  # fmt: skip
+        "--queue-size", "32", "--num-workers", "0", "--cpu",
+        # `rows` (the default) rounds P's share of each batch to a multiple of the process count, so its 1- and
+        # 2-process batches can differ by a row; `all` (full P and U batches) splits identically
+        "--epoch-steps", "all"]  # fmt: skip
 
 
 def free_port() -> int:
