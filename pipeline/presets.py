@@ -12,7 +12,7 @@ so on small data they are re-derived to mean the same per unit of training, and 
 - `epoch_steps=rows`: an epoch is N/batch steps of one batch shared by P and U in proportion, both loaders
   cycling, so Co-Reg takes as many SGD steps on as many rows as the single-network baselines instead of one pass
   over P (11% of the rows at the switch on MNIST). `all` (full P and U batches per step) scored the same on the
-  dev subset in 1.6x the time (bench/results/accuracy_dev.md).
+  dev subset in 1.6x the time (bench/results/accuracy_dev_epoch_steps.md).
 - `warmup_loss=vlm-hard`: warm-up on the annotator's own top class inside the set (uniform over a tied top),
   a network that ranks the candidates when self-training starts (partial CE + negative entropy leaves it near
   uniform; the annotator's soft probabilities, `vlm`, are flat and train slowly). Not in the paper.

@@ -175,8 +175,8 @@ class CoReg(TwoNetworks):
             p_cycle = cycle(p_rows, p_batch, ctx, ("p-order", epoch, i))
             batches = ((g, g[dist.rows(g.numel())], None) for g in (next(p_cycle) for _ in range(n_steps)))
         else:  # the paper: one pass over P
-            n_steps = steps_per_epoch(p_rows.numel(), batch_size=cfg.batch_size, world=dist.world)
-            batches = iterate_batches(p_rows, batch_size=cfg.batch_size, generator=ctx.rng("p-order", epoch, i), dist=dist)
+            n_steps = steps_per_epoch(p_rows.numel(), batch_size=b, world=w)
+            batches = iterate_batches(p_rows, batch_size=b, generator=ctx.rng("p-order", epoch, i), dist=dist)
         u_batch = (min(u_cap, u_rows.numel()) // w) * w  # 0 (empty U batches) when U or the cap is below one row per process
         nets = StepNets(self.wrapped[n], self.raw[n], self.keys[n], self.queues[n], self.raw[partner], self.protos)
         self.raw[n].train()
