@@ -24,12 +24,12 @@ PIL pixel for pixel except for rare nearest-neighbour ties and autocontrast's ro
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
+
+from pipeline.augment_pixels import blend, grey, warp
 
 # Op order is internal (the draw is uniform): geometric ops come last so one grid_sample serves them all.
 OPS = (
@@ -196,7 +196,7 @@ class BatchAugment:
                 out[seg] = getattr(self, f"_{name}")(xs[seg], ms[seg].view(-1, 1, 1, 1))
             start = seg.stop
         if start < x.shape[0]:
-            out[start:] = _warp(xs[start:], ops[start:], ms[start:])
+            out[start:] = warp(xs[start:], ops[start:], ms[start:], first=FIRST_GEOMETRIC)
         unsorted = torch.empty_like(out)
         unsorted[order] = out
         return unsorted
@@ -206,7 +206,7 @@ class BatchAugment:
         sample, so a row's pixels are those of the grouped path; the other rows' results (an op applied with
         another op's magnitude) are computed and dropped."""
         m = mag.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-        out = _warp(x, op, mag)  # (B, 3, S, S) float; rows of a non-geometric op are overwritten below
+        out = warp(x, op, mag, first=FIRST_GEOMETRIC)  # (B, 3, S, S) float; rows of a non-geometric op are overwritten below
         for k, name in enumerate(OPS[:FIRST_GEOMETRIC]):
             out = torch.where((op == k).view(-1, 1, 1, 1), getattr(self, f"_{name}")(x, m), out)
         return out
@@ -251,18 +251,18 @@ class BatchAugment:
 
     @staticmethod
     def _brightness(x: Tensor, m: Tensor) -> Tensor:
-        return _blend(x.float(), torch.zeros_like(m), m)  # degenerate = black
+        return blend(x.float(), torch.zeros_like(m), m)  # degenerate = black
 
     @staticmethod
     def _color(x: Tensor, m: Tensor) -> Tensor:
-        return _blend(x.float(), _grey(x).float(), m)  # degenerate = the greyscale image
+        return blend(x.float(), grey(x).float(), m)  # degenerate = the greyscale image
 
     @staticmethod
     def _contrast(x: Tensor, m: Tensor) -> Tensor:
-        g = _grey(x)  # (b, 1, S, S) int32
+        g = grey(x)  # (b, 1, S, S) int32
         # PIL: int(mean + 0.5) of the greyscale image; integer sums keep it exact and batch-independent
         mean = g.sum(dim=(1, 2, 3), keepdim=True).double() / g[0].numel()  # (b, 1, 1, 1)
-        return _blend(x.float(), (mean + 0.5).floor().float(), m)
+        return blend(x.float(), (mean + 0.5).floor().float(), m)
 
     @staticmethod
     def _sharpness(x: Tensor, m: Tensor) -> Tensor:
@@ -277,41 +277,4 @@ class BatchAugment:
                 ]  # in place: no temporaries
         deg = xi.clone()
         deg[..., 1:-1, 1:-1] = torch.div(2 * s + 13, 26, rounding_mode="floor")  # round(s / 13)
-        return _blend(x.float(), deg.float(), m)
-
-
-def _grey(x: Tensor) -> Tensor:
-    """PIL's RGB -> L, exact in integers: (19595 R + 38470 G + 7471 B + 2^15) >> 16. (b, 1, S, S) int32."""
-    xi = x.int()
-    return (19595 * xi[:, 0:1] + 38470 * xi[:, 1:2] + 7471 * xi[:, 2:3] + 32768) >> 16
-
-
-def _blend(x: Tensor, degenerate: Tensor, factor: Tensor) -> Tensor:
-    """PIL ImageEnhance: degenerate + factor * (image - degenerate), clipped to 0..255 and truncated as PIL's
-    blend does (so the results equal PIL's pixel for pixel)."""
-    return (degenerate + factor * (x - degenerate)).clamp(0, 255).trunc()
-
-
-def _warp(x: Tensor, op: Tensor, mag: Tensor) -> Tensor:
-    """Rotate / ShearX/Y / TranslateX/Y in one grid_sample with a per-sample affine map (output -> input).
-
-    Coordinates are normalised to [-1, 1] (y down) at pixel centres. Rotation is about the centre and
-    counter-clockwise (PIL `rotate`); shear is about the top-left corner (PIL `transform(AFFINE, (1, v, 0,
-    0, 1, 0))`: x_in = x + v * y); translation moves by mag x width. Nearest sampling and zero fill as PIL.
-    """
-    b, _, h, w = x.shape
-    rot, shx, shy, tx, ty = (op == FIRST_GEOMETRIC + i for i in range(5))
-    rad = mag * (math.pi / 180.0)
-    cos = torch.where(rot, torch.cos(rad), torch.ones_like(mag))  # (b,)
-    sin = torch.where(rot, torch.sin(rad), torch.zeros_like(mag))
-    zero = torch.zeros_like(mag)
-    sx, sy = torch.where(shx, mag, zero), torch.where(shy, mag, zero)  # (b,)
-    tx, ty = torch.where(tx, 2 * mag, zero), torch.where(ty, 2 * mag, zero)  # 2 = width of [-1, 1]
-    # Each sample has one op, so the matrices add up without interfering:
-    # x_in = cos*u + (sx - sin)*v + (sx + tx);  y_in = (sin + sy)*u + cos*v + (sy + ty)
-    u = ((torch.arange(w, device=x.device) * 2 + 1) / w - 1).view(1, 1, w)  # (1, 1, W) pixel-centre x
-    v = ((torch.arange(h, device=x.device) * 2 + 1) / h - 1).view(1, h, 1)  # (1, H, 1) pixel-centre y
-    gx = cos.view(b, 1, 1) * u + (sx - sin).view(b, 1, 1) * v + (sx + tx).view(b, 1, 1)  # (b, H, W)
-    gy = (sin + sy).view(b, 1, 1) * u + cos.view(b, 1, 1) * v + (sy + ty).view(b, 1, 1)  # (b, H, W)
-    grid = torch.stack([gx, gy], dim=-1)  # (b, H, W, 2)
-    return F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        return blend(x.float(), deg.float(), m)

@@ -20,6 +20,8 @@ from pathlib import Path
 from pipeline.accel import GracefulStop, average_grads, make_dist
 from pipeline.config import TrainConfig, check
 from pipeline.errors import CoregError
+from stages.train_checks import check_finite, check_memory, collapse_warning, save_checked
+from stages.train_log import summary, test_accuracy, trim_metrics
 
 
 def check_options(cfg: TrainConfig) -> None:
@@ -133,7 +135,7 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
         return build_student(cfg.arch, num_classes=num_classes, image_size=size, proj_dim=cfg.proj_dim, pretrained=cfg.timm_pretrained)
 
     n_test = len(dsd["test"]) if "test" in dsd else 0
-    _check_memory(size, len(train_ds), n_test, cfg.batch_size, cfg.image_size, gpu=device.type == "cuda")
+    check_memory(size, len(train_ds), n_test, cfg.batch_size, cfg.image_size, gpu=device.type == "cuda")
     make_net()  # an architecture that cannot take this image size fails now, before decoding
     images = decode_images(train_ds, size=size, num_workers=cfg.num_workers, desc="decoding train" if main else None)
     mean, std = channel_stats(images)
@@ -198,7 +200,7 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
             f"{accelerator.num_processes} process(es) on {device.type}, mixed precision {mp}; epochs {start}..{cfg.epochs - 1}"
         )
         out.mkdir(parents=True, exist_ok=True)
-        _trim_metrics(out / "metrics.jsonl", start)
+        trim_metrics(out / "metrics.jsonl", start)
         if cfg.tensorboard:
             accelerator.init_trackers("coreg")
     rows_per_epoch = images.shape[0]
@@ -216,25 +218,25 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
             metrics = method.train_epoch(epoch, ctx)
             # The metrics are process-averaged, so every process takes the same decision here, before this
             # epoch's weights can reach model.safetensors or the checkpoint (both keep the last good epoch).
-            _check_finite(metrics, epoch, last_saved, cfg, out)
+            check_finite(metrics, epoch, last_saved, cfg, out)
             seconds = time.perf_counter() - t0
             metrics = {"epoch": epoch, **metrics, "epoch_seconds": seconds, "images_per_second": rows_per_epoch / max(seconds, 1e-9)}
             if test is not None:
                 for m in method.modules().values():  # the test pass is in eval mode too, after this epoch's training
                     sync_buffers(m, ctx.dist)
-                metrics.update(_test_accuracy(method, augment, *test, ctx))
+                metrics.update(test_accuracy(method, augment, *test, ctx))
             if main:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
-                print(_summary(metrics, cfg.epochs), flush=True)
-                warned = warned or _collapse_warning(metrics, num_classes)
+                print(summary(metrics, cfg.epochs), flush=True)
+                warned = warned or collapse_warning(metrics, num_classes)
                 if cfg.tensorboard:
                     accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=epoch)
             stopping = stop.requested(ctx.dist, device)  # every process stops after the same epoch
             if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs or stopping:
                 accelerator.wait_for_everyone()
                 if main:
-                    _save_model(out, method, model_config, save_model)
+                    save_checked(out, method, model_config, save_model)
                     ckpt.save_checkpoint(out, epoch=epoch, method=method, config=resolved, scaler=accelerator.scaler)
                 last_saved = epoch
             if stopping:
@@ -243,155 +245,8 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
                 raise KeyboardInterrupt
     accelerator.wait_for_everyone()
     if main:
-        _save_model(out, method, model_config, save_model)
+        save_checked(out, method, model_config, save_model)
         print(f"model written to {out}")
     if cfg.tensorboard:
         accelerator.end_training()
     return out
-
-
-# Working memory of one step besides the decoded images, in float32 batch copies: the weak and strong views
-# of a 2x warm-up batch and their augmentation temporaries (a rough floor, not a bound: activations come on top).
-_BATCH_COPIES = 4
-
-
-def _available_memory(gpu: bool) -> int:
-    """Bytes free now: host RAM, or on a GPU run the smaller of RAM and the device's free memory."""
-    import psutil
-
-    free = psutil.virtual_memory().available
-    if gpu:
-        import torch
-
-        free = min(free, torch.cuda.mem_get_info()[0])
-    return int(free)
-
-
-def _check_memory(size: int, n_train: int, n_test: int, batch_size: int, asked: int, *, gpu: bool) -> None:
-    """Refuse an image size whose decoded uint8 tensors alone do not fit, before minutes of decoding end in
-    the kernel's OOM killer (which prints nothing)."""
-
-    def need(s: int) -> int:
-        return (n_train + n_test) * 3 * s * s + _BATCH_COPIES * 2 * batch_size * 3 * s * s * 4
-
-    free = _available_memory(gpu)
-    if need(size) <= free:
-        return
-    fits = next((s for s in range(min(size, 224), 7, -1) if need(s) <= 0.8 * free), None)
-    hint = f"use --image-size {fits} or less" if fits else "free some memory or use fewer images"
-    which = f"--image-size {asked}" if asked else f"the training images' size ({size} px)"
-    raise CoregError(
-        f"{which}: {n_train + n_test} decoded images at {size} px plus one batch need about {need(size) / 2**30:.1f} GiB, "
-        f"but {free / 2**30:.1f} GiB of {'GPU ' if gpu else ''}memory is free; {hint} (or a smaller --batch-size)"
-    )
-
-
-def _collapse_warning(metrics: dict, num_classes: int) -> bool:
-    """Warn (once per run) when a network stops predicting some class on the training images (methods that
-    log `NET/pred_classes`, e.g. coreg). Label-free; returns whether it warned."""
-    low = {k.split("/")[0]: int(v) for k, v in metrics.items() if k.endswith("/pred_classes") and v < num_classes}
-    if not low:
-        return False
-    name, k = next(iter(low.items()))
-    print(
-        f"warning: epoch {metrics['epoch'] + 1}: {name} predicts only {k} of {num_classes} classes on the training "
-        "images; self-training rarely brings a lost class back. If it persists, compare with another --method "
-        "(kd, ce) or try --prior-penalty 1 (README: 'Class collapse')",
-        flush=True,
-    )
-    return True
-
-
-def _check_finite(metrics: dict, epoch: int, last_saved: int, cfg: TrainConfig, out: Path) -> None:
-    """Stop at the first epoch whose loss terms are not finite: a NaN loss only spreads (the weights follow),
-    and a NaN model would still predict, evaluate and export without complaint."""
-    import math
-
-    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
-    if not bad:
-        return
-    kept = f"the checkpoint of epoch {last_saved + 1} is kept in {out}" if last_saved >= 0 else "nothing was saved"
-    cause = f"the learning rate is too high for this data (--lr {cfg.lr:g}; try --lr {cfg.lr / 10:g})"
-    if cfg.mixed_precision == "fp16":
-        cause += " or fp16 overflowed (try --mixed-precision bf16)"
-    raise CoregError(
-        f"epoch {epoch + 1}: the loss is not finite ({', '.join(f'{k}={metrics[k]}' for k in bad[:3])}); training stopped "
-        f"and {kept}. Likely cause: {cause}; start again with the changed option in a new OUT"
-    )
-
-
-def _save_model(out, method, model_config, save_model) -> None:
-    weights = method.prediction_weights()
-    # The loss check catches almost every divergence; this one guarantees that no non-finite weights are ever
-    # written, whatever produced them.
-    bad = next((k for k, v in weights.items() if v.is_floating_point() and not bool(v.isfinite().all())), None)
-    if bad is not None:
-        raise CoregError(f"{out}: the weights hold non-finite values ({bad}); model.safetensors was not written and the "
-                         "last good checkpoint is kept. Lower --lr and start again in a new OUT")
-    nets = sorted({k.split(".", 1)[0] for k in weights})
-    predict_with = model_config["train_config"]["predict_with"] if len(nets) == 2 else "net1"
-    save_model(out, weights=weights, config={**model_config, "nets": nets, "predict_with": predict_with})
-
-
-def _test_accuracy(method, augment, images, labels, ctx) -> dict[str, float]:
-    """Test accuracy of the prediction model and of net1 alone: logged, never used to pick a checkpoint.
-    Each process scores its share of the rows; counts are summed, so every row counts exactly once."""
-    import torch
-
-    dist = ctx.dist
-    rows = dist.shard(images.shape[0])
-    mine = torch.arange(rows.start, rows.stop, device=images.device)
-    known = labels[mine] >= 0
-    counts = torch.zeros(3, device=images.device, dtype=torch.float64)
-    with torch.no_grad():
-        for c in mine.split(1024):
-            x = augment.normalize(images[c])
-            lab = labels[c]
-            ok = lab >= 0
-            counts[0] += (method.predict_logits(x).argmax(1) == lab)[ok].sum()
-            counts[1] += (method.predict_logits(x, "net1").argmax(1) == lab)[ok].sum()
-    counts[2] = known.sum()
-    counts = dist.all_reduce_sum(counts)
-    if counts[2] == 0:
-        return {}
-    return {"test_acc": float(counts[0] / counts[2]), "test_acc_net1": float(counts[1] / counts[2])}
-
-
-# Loss terms the methods log beside their total `loss` (pipeline/coreg/step.py, pipeline/baselines/).
-LOSS_TERMS = ("partial_ce", "neg_entropy", "ce", "l_x", "l_u", "proto", "cont", "penalty")
-
-
-def _loss_text(m: dict, net: str = "net1") -> str:
-    """net1's loss with its terms. The warm-up loss is partial CE plus a *negative* entropy, so the total is
-    often below zero: printing the bare total reads like a bug, printing the sum does not."""
-    loss = m[f"{net}/loss"]
-    terms = {t: m[f"{net}/{t}"] for t in LOSS_TERMS if f"{net}/{t}" in m}
-    if not terms:
-        return f"{net}/loss={loss:.4f}"
-    if abs(sum(terms.values()) - loss) <= 1e-4 * max(1.0, abs(loss)):  # an unweighted sum: show it as one
-        return f"{net}/loss={loss:.4f} = " + " + ".join(f"{t} {v:.4f}" for t, v in terms.items())
-    if len(terms) == 1:  # e.g. dividemix's warm-up logs its CE, not the negative-entropy penalty added to it
-        (t, v), = terms.items()
-        return f"{net}/loss={loss:.4f} = {t} {v:.4f} + other terms {loss - v:.4f}"
-    return f"{net}/loss={loss:.4f} (" + ", ".join(f"{t} {v:.4f}" for t, v in terms.items()) + ")"
-
-
-def _summary(m: dict, epochs: int) -> str:
-    parts = [f"epoch {m['epoch'] + 1}/{epochs}"]
-    for k in ("net1/loss", "net1/n_p", "net1/n_u", "test_acc", "test_acc_net1", "images_per_second"):
-        if k in m:
-            v = m[k]
-            if k == "net1/loss":
-                parts.append(_loss_text(m))
-            else:
-                parts.append(f"{k}={v:.0f}" if k.startswith("net1/n_") or k == "images_per_second" else f"{k}={v:.4f}")
-    parts.append(f"{m['epoch_seconds']:.1f}s")
-    return "  ".join(parts)
-
-
-def _trim_metrics(path: Path, start: int) -> None:
-    """On resume, drop epochs at or after `start` (a killed run may have logged an epoch it never saved)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] < start]
-    path.write_text("".join(line + "\n" for line in keep))

@@ -103,7 +103,7 @@ def test_non_finite_weights_are_never_written(tmp_path):
     import torch
 
     from pipeline.errors import CoregError
-    from stages.train import _save_model
+    from stages.train_checks import save_checked
 
     class M:
         def prediction_weights(self):
@@ -113,7 +113,7 @@ def test_non_finite_weights_are_never_written(tmp_path):
         raise AssertionError("must not be called")
 
     with pytest.raises(CoregError, match="non-finite"):
-        _save_model(tmp_path, M(), {"train_config": {"predict_with": "net1"}}, save_model)
+        save_checked(tmp_path, M(), {"train_config": {"predict_with": "net1"}}, save_model)
 
 
 # --- options: one declaration per field, checked before any work, shown in --help ------------------------
@@ -267,9 +267,9 @@ def test_symlink_loop_and_alias_visit_each_real_file_once(tmp_path, capsys):
 
 def test_image_size_too_large_for_memory_is_refused_before_decoding(ann, tmp_path, monkeypatch):
     import pipeline.data
-    import stages.train
+    import stages.train_checks
 
-    monkeypatch.setattr(stages.train, "_available_memory", lambda gpu: 2**30)  # 1 GiB free
+    monkeypatch.setattr(stages.train_checks, "available_memory", lambda gpu: 2**30)  # 1 GiB free
 
     def no_decoding(*a, **k):
         raise AssertionError("must refuse before decoding")
@@ -279,7 +279,7 @@ def test_image_size_too_large_for_memory_is_refused_before_decoding(ann, tmp_pat
     assert "GiB" in line and "1.0 GiB of memory is free" in line
     fits = int(line.split("use --image-size ")[1].split()[0])
     assert 8 <= fits <= 224
-    assert stages.train._check_memory(fits, 24, 0, 8, fits, gpu=False) is None  # the suggestion does fit
+    assert stages.train_checks.check_memory(fits, 24, 0, 8, fits, gpu=False) is None  # the suggestion does fit
 
 
 # --- export without the optional onnx packages ------------------------------------------------------------
@@ -304,15 +304,15 @@ def test_export_without_onnx_names_the_extra(tmp_path, monkeypatch):
 
 
 def test_epoch_line_shows_the_loss_terms():
-    from stages.train import _summary
+    from stages.train_log import summary
 
     warm = {"epoch": 0, "net1/loss": -0.127, "net1/partial_ce": 0.949, "net1/neg_entropy": -1.076, "epoch_seconds": 0.1}
-    assert "net1/loss=-0.1270 = partial_ce 0.9490 + neg_entropy -1.0760" in _summary(warm, 3)
+    assert "net1/loss=-0.1270 = partial_ce 0.9490 + neg_entropy -1.0760" in summary(warm, 3)
     main = {"epoch": 1, "net1/loss": 1.14, "net1/l_x": 1.1, "net1/l_u": 0.01, "net1/proto": 0.8, "epoch_seconds": 1.0}
-    assert "net1/loss=1.1400 (l_x 1.1000, l_u 0.0100, proto 0.8000)" in _summary(main, 3)
+    assert "net1/loss=1.1400 (l_x 1.1000, l_u 0.0100, proto 0.8000)" in summary(main, 3)
     one = {"epoch": 0, "net1/loss": 0.07, "net1/ce": 1.15, "epoch_seconds": 0.1}
-    assert "net1/loss=0.0700 = ce 1.1500 + other terms -1.0800" in _summary(one, 3)
-    assert "net1/loss=0.5000  " in _summary({"epoch": 0, "net1/loss": 0.5, "epoch_seconds": 0.1}, 3)
+    assert "net1/loss=0.0700 = ce 1.1500 + other terms -1.0800" in summary(one, 3)
+    assert "net1/loss=0.5000  " in summary({"epoch": 0, "net1/loss": 0.5, "epoch_seconds": 0.1}, 3)
 
 
 # --- Ctrl-C: one instruction, and one that works for that command ---------------------------------------

@@ -177,12 +177,12 @@ def test_ctrl_c_saves_the_epoch_and_resume_finishes(ann, tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == state["epoch"] + 3
 
 
-def test_collapse_warning(capsys):
-    from stages.train import _collapse_warning
+def testcollapse_warning(capsys):
+    from stages.train_checks import collapse_warning
 
-    assert not _collapse_warning({"epoch": 0, "net1/pred_classes": 3.0, "net2/pred_classes": 3.0}, 3)
+    assert not collapse_warning({"epoch": 0, "net1/pred_classes": 3.0, "net2/pred_classes": 3.0}, 3)
     assert capsys.readouterr().out == ""
-    assert _collapse_warning({"epoch": 4, "net1/pred_classes": 3.0, "net2/pred_classes": 2.0}, 3)
+    assert collapse_warning({"epoch": 4, "net1/pred_classes": 3.0, "net2/pred_classes": 2.0}, 3)
     out = capsys.readouterr().out
     assert out.startswith("warning: epoch 5: net2 predicts only 2 of 3 classes") and "--prior-penalty" in out
     assert out.count("\n") == 1
