@@ -111,7 +111,7 @@ class TrainConfig:
     dist_align: bool = _f(True, "distribution alignment of division scores (code-only)", from_warmup=True, panel=COREG)
     k_views: int = _f(2, "weak views averaged for the self-prediction", range=(1, None), from_warmup=True, panel=COREG)
     sharpen_t: float = _f(0.5, "T, temperature of the pseudo-label sharpening", gt=0, from_warmup=True, panel=COREG)
-    mixup_alpha: float = _f(4.0, "alpha of the Beta(alpha, alpha) mixup coefficient", gt=0, from_warmup=True, panel=COREG)
+    mixup_alpha: float | None = _f(None, "alpha of the Beta(alpha, alpha) mixup coefficient (coreg, dividemix, alim); unset = preset (paper 4; default 0.5 for coreg, 4 for the baselines)", gt=0, from_warmup=True, panel=COREG)
     lambda_u: float = _f(1.0, "weight of the loss on the unlabeled set U", range=(0, None), from_warmup=True, panel=COREG)
     rampup_epochs: int | None = _f(None, "epochs of the linear ramp of the U weight after the warm-up; unset = preset (paper 16; default 10% of the epochs)", range=(0, None), from_warmup=True, panel=COREG)
     proto_m: float | None = _f(None, "gamma, momentum of the class prototypes; unset = preset (paper 0.999 for 50k rows; default 1 - 0.001 x 50000/N: the paper's refresh per epoch)", range=(0, 1), from_warmup=True, panel=COREG)

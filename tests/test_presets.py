@@ -19,7 +19,7 @@ def test_paper_preset_is_the_published_constants():
     assert (c.epochs, c.warmup_epochs, c.batch_size, c.lr_period, c.rampup_epochs, c.start_cont) == (800, 50, 256, 800, 16, 10)
     assert (c.gmm_history, c.proto_m, c.moco_m, c.queue_size) == (5, 0.999, 0.999, 8192)
     assert (c.division, c.epoch_steps, c.warmup_loss, c.partner_scores, c.arch) == ("global", "p", "paper", "net", "preact_resnet18")
-    assert c.mix_views == "strong"
+    assert c.mix_views == "strong" and c.mixup_alpha == 4.0
 
 
 def test_default_preset_derives_from_data_size_and_device():
@@ -32,6 +32,9 @@ def test_default_preset_derives_from_data_size_and_device():
     assert c.moco_m == pytest.approx(0.999 ** (195 / 32))
     assert c.queue_size == 328  # 16% of the rows, like 8192 of 50k
     assert (c.division, c.epoch_steps, c.warmup_loss, c.partner_scores, c.mix_views) == ("class", "rows", "vlm-hard", "vlm", "weak")
+    assert c.mixup_alpha == 0.5  # light mixup for Co-Reg (bench/results/accuracy_dev_mixup.md)
+    for method in ("dividemix", "alim"):  # the baselines that mix keep their papers' alpha under every preset
+        assert resolve(cfg(method=method), n_rows=2000, gpu=False)[0].mixup_alpha == 4.0
     g, _ = resolve(cfg(), n_rows=50_000, gpu=True)
     assert g.arch == "preact_resnet18" and g.batch_size == 256 and g.proto_m == pytest.approx(0.999)
     assert g.epochs == 205 and g.queue_size == 8192  # ceil(40000 / 196)
