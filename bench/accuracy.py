@@ -61,7 +61,7 @@ def preset_fingerprint(args, method: str) -> dict | None:
 
     from pipeline.presets import default_values
 
-    cfg = SimpleNamespace(batch_size=args.batch_size, epochs=args.epochs)
+    cfg = SimpleNamespace(batch_size=args.batch_size, epochs=args.epochs, method=opts[1])  # opts = ["--method", NAME, ...]
     vals = default_values(cfg, n_rows=args.train_per_class * len(args.classes), gpu=args.device == "gpu")
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in sorted(vals.items())}
 

@@ -80,7 +80,7 @@ def default_values(cfg, *, n_rows: int, gpu: bool) -> dict:
     # on the dev subset of bench/accuracy.py (bench/results/accuracy_dev.md), never on a reported one
     out.update(division="class", epoch_steps="rows", warmup_loss="vlm-hard", partner_scores="vlm", mix_views="weak")
     # light mixup for Co-Reg (bench/results/accuracy_dev_mixup.md, dev subset); dividemix and alim keep their papers' 4
-    out["mixup_alpha"] = 0.5 if getattr(cfg, "method", "coreg") == "coreg" else PAPER["mixup_alpha"]
+    out["mixup_alpha"] = 0.5 if cfg.method == "coreg" else PAPER["mixup_alpha"]
     return out
 
 
