@@ -110,6 +110,11 @@ def run_one(method: str, setting: str, seed: int, ann: Path, work: Path, args) -
             res_file.parent.mkdir(parents=True, exist_ok=True)
             res_file.write_text(json.dumps(res, indent=1))
             return res
+    if args.table_only:  # never train: an earlier session's run under other preset rules is shown, flagged
+        stale = [r for r in args.reused.get(tag, []) if r["options"] == options and r.get("subset", "report") == args.subset]
+        if stale:
+            return {**stale[-1], "stale_preset": True}
+        raise SystemExit(f"{tag}: no cached result to show (--table-only trains nothing); run without it")
     model = work / "models" / res_file.stem
     if model.exists():  # an interrupted run: start it again from scratch (its wall time must be whole)
         import shutil

@@ -76,6 +76,19 @@ def test_accuracy(data):
                 "--settings", "clean;instance:shots=1", "--methods", "coreg,ce", "--reuse", str(data / "acc.json"),
                 "--out", str(data / "acc2.md"), cwd=data)  # fmt: skip
     assert "test acc" not in out and "| coreg |" in (data / "acc2.md").read_text()
+    # --table-only over committed runs made under other preset rules: shown and flagged, never retrained
+    import json
+
+    saved = json.loads((data / "acc.json").read_text())
+    for r in saved["results"] if isinstance(saved, dict) else saved:
+        if r["method"] == "coreg":
+            r["preset"] = {**r["preset"], "warmup_loss": "an-older-rule"} if isinstance(r.get("preset"), dict) else "older"
+    (data / "old.json").write_text(json.dumps(saved))
+    out = bench("accuracy.py", *[a if a != str(data / "acc") else str(data / "acc3") for a in common],
+                "--settings", "clean;instance:shots=1", "--methods", "coreg,ce", "--reuse", str(data / "old.json"),
+                "--out", str(data / "acc3.md"), "--table-only", cwd=data)  # fmt: skip
+    text = (data / "acc3.md").read_text()
+    assert "test acc" not in out and "| coreg |" in text and "earlier default-preset rules" in text
 
 
 def test_accuracy_dev_subset_is_disjoint(tmp_path):

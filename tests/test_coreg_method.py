@@ -507,6 +507,47 @@ def test_hard_ranked_warmup_targets_are_the_annotators_top_class_inside_the_set(
     assert torch.equal(t[10:].argmax(1), ranked[10:].argmax(1)) and cand[torch.arange(N), t.argmax(1)].all()  # ... on the top
 
 
+def test_disambiguated_targets_are_the_annotator_times_the_network_inside_the_set():
+    """--warmup-loss vlm-net[-soft]: the ranking inside the set times the network's softmax, renormalised; the
+    hard form is one-hot on its top. A uniform (synthetic) set follows the network; a ranked set moves only
+    where the network outweighs the annotator; the mass never leaves the set."""
+    from pipeline.coreg.losses import disambiguated_targets
+
+    ranked = torch.tensor([[0.5, 0.5, 0.0], [0.9, 0.1, 0.0], [0.9, 0.1, 0.0], [0.0, 0.0, 1.0]])
+    probs = torch.tensor([[0.2, 0.7, 0.1], [0.3, 0.6, 0.1], [0.05, 0.9, 0.05], [0.9, 0.1, 0.0]])
+    soft = disambiguated_targets(ranked, probs, hard=False)
+    assert torch.allclose(soft[0], torch.tensor([2 / 9, 7 / 9, 0.0]))  # uniform set: the network's own ranking
+    assert torch.allclose(soft[1], torch.tensor([0.27, 0.06, 0.0]) / 0.33)
+    assert torch.equal(soft[3], ranked[3])  # the network gives the set no mass: the annotator's target stays
+    hard = disambiguated_targets(ranked, probs, hard=True)
+    assert hard.argmax(1).tolist() == [1, 0, 1, 2] and torch.equal(hard.amax(1), torch.ones(4))
+    assert (hard[ranked == 0] == 0).all() and (soft[ranked == 0] == 0).all()
+
+
+@pytest.mark.parametrize("loss", ["vlm-net", "vlm-net-soft"])
+def test_disambiguating_warmup_trains_on_targets_inside_the_set(monkeypatch, loss):
+    import pipeline.coreg.step as step_mod
+
+    seen = []
+    real = step_mod.ranked_warmup_loss
+    monkeypatch.setattr(step_mod, "ranked_warmup_loss", lambda logits, t: seen.append(t) or real(logits, t))
+    ctx = make_ctx()
+    ctx.vlm_probs = torch.full((N, C), 1.0 / C)  # uniform: vlm-hard would keep every target flat over the set
+    m, (w,) = run(make_cfg(warmup_loss=loss), ctx, range(1))
+    cand = m._candidates(ctx)
+    assert all_finite(w) and seen
+    t = torch.cat(seen)
+    assert torch.allclose(t.sum(1), torch.ones(len(t)))
+    multi = cand.sum(1) > 1  # some rows of the test problem have sets of several classes
+    assert multi.any()
+    # the network's weight ramps from 0: the first step's targets are the annotator's (uniform over each set) ...
+    first = seen[0]
+    assert torch.allclose(first.amax(1), 1.0 / (first > 0).sum(1))  # flat over the set at the first step
+    assert len(seen) > 1
+    if loss == "vlm-net":  # ... and later ones one-hot even on a uniform set: the network broke the tie
+        assert torch.equal(seen[-1].amax(1), torch.ones(len(seen[-1])))
+
+
 @pytest.mark.parametrize("views", ["strong", "weak"])
 def test_mix_views_option_picks_the_augmentation_of_the_self_training_views(monkeypatch, views):
     """--mix-views weak (not in the paper): the mixup and contrastive views are weak, so no strong

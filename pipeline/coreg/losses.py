@@ -75,6 +75,21 @@ def top_targets(targets: Tensor) -> Tensor:
     return top.float() / top.sum(1, keepdim=True)
 
 
+def disambiguated_targets(ranked: Tensor, probs: Tensor, *, hard: bool) -> Tensor:
+    """(B, C) not in the paper (`--warmup-loss vlm-net[-soft]`): the annotator's ranking inside the set
+    (`ranked`, zero outside it) times the network's own softmax `probs`, renormalised: a posterior with the
+    annotator as the prior and the network as the likelihood, so the warm-up disambiguates a set the annotator
+    cannot rank (a synthetic annotator's uniform set, where `vlm-hard` keeps the target flat over the set and
+    the network learns to split its mass) while an informative ranking still anchors it. `hard`: one-hot on
+    the top (uniform over a tied top, `top_targets`); else the renormalised product (PRODEN's target when the
+    ranking is uniform). `probs` need not sum to one (the warm-up passes class-balanced, ramped scores). A row
+    whose product vanishes (float underflow) keeps `ranked`."""
+    prod = ranked.float() * probs.float()
+    total = prod.sum(1, keepdim=True)
+    post = torch.where(total > 0, prod / total.clamp_min(1e-30), ranked.float())
+    return top_targets(post) if hard else post
+
+
 # ---------------------------------------------------------------- self-training (§3.4)
 
 

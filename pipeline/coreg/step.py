@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.coreg.losses import (
+    disambiguated_targets,
     noisy_contrastive_loss,
     prior_penalty,
     prototype_loss,
@@ -202,13 +203,19 @@ def coreg_step(
 
 
 def warmup_step(
-    ctx: Context, net: nn.Module, *, idx: Tensor, n: int, candidates: Tensor, keys: tuple, targets: Tensor | None = None
+    ctx: Context, net: nn.Module, *, idx: Tensor, n: int, candidates: Tensor, keys: tuple, targets: Tensor | None = None,
+    with_net: str = "", net_weight: float = 1.0,
 ) -> dict[str, Tensor]:
     """§3.1: partial cross-entropy + negative entropy on a strong view of every row. Returns the terms and
     the softmax outputs. (The code also writes these into its distribution-alignment buffer; here DA uses
     the whole division pass instead, see method.py, so they are returned for callers that want them.)
     With `targets` (N, C) (`--warmup-loss vlm`, not in the paper) the loss is the soft CE to targets[idx], on
-    a weak view."""
+    a weak view. `with_net` (`--warmup-loss vlm-net` / `vlm-net-soft`, not in the paper): the targets are
+    first multiplied by the network's own (detached) softmax on the same view, class-balanced over the global
+    batch and raised to `net_weight` (0 -> 1 over the warm-up), and renormalised inside the set, then made
+    one-hot on the top (`hard`, ties uniform) or kept soft (`soft`): `disambiguated_targets`. Without the
+    balance and the ramp an untrained network's favourite classes win every near-tied set at the first steps
+    and the warm-up collapses to 2 classes within one epoch (bench/results/accuracy_notes.md §10)."""
     aug = ctx.augment
     if targets is not None:  # the ranked warm-up trains on weak views, like the kd baseline
         params = aug.select(aug.sample_weak(n, ctx.rng(*keys, "w")), ctx.dist.rows(n))
@@ -219,7 +226,13 @@ def warmup_step(
     with ctx.autocast():
         logits = net(x).float()  # (b, C)
     if targets is not None:  # every process holds the same number of rows: the local mean averages right
-        terms = ranked_warmup_loss(logits, targets[idx])
+        t = targets[idx]
+        if with_net:
+            q = F.softmax(logits.detach(), 1)  # (b, C)
+            mean = ctx.dist.all_reduce_sum(q.sum(0)) / n  # (C,) the global batch's mean prediction
+            q = (q / mean.clamp_min(1e-12)) ** net_weight  # class-balanced (DA), ramped in
+            t = disambiguated_targets(t, q, hard=with_net == "hard")
+        terms = ranked_warmup_loss(logits, t)
         ctx.backward(terms["loss"])
         return {**{k: v.detach() for k, v in terms.items()}, "probs": F.softmax(logits.detach(), 1)}
     cand = candidates[idx]  # (b, C)
