@@ -524,6 +524,32 @@ def test_disambiguated_targets_are_the_annotator_times_the_network_inside_the_se
     assert (hard[ranked == 0] == 0).all() and (soft[ranked == 0] == 0).all()
 
 
+def test_hard_net_warmup_trains_exactly_as_hard_where_the_annotator_ranks_and_uses_the_network_on_ties(monkeypatch):
+    """--warmup-loss vlm-hard-net: with a ranking on every set it is vlm-hard bit for bit; on a uniform
+    (synthetic) annotator the tied sets' targets follow the network after the first step instead of staying flat."""
+    import pipeline.coreg.step as step_mod
+
+    g = torch.Generator().manual_seed(3)
+    ranked_probs = torch.rand(N, C, generator=g).softmax(1)  # no two classes tied
+    weights = {}
+    for loss in ("vlm-hard", "vlm-hard-net"):
+        ctx = make_ctx()
+        ctx.vlm_probs = ranked_probs.clone()
+        m, _ = run(make_cfg(warmup_loss=loss), ctx, range(1))
+        weights[loss] = {k: v.clone() for k, v in m.raw["net1"].state_dict().items()}
+    assert all(torch.equal(weights["vlm-hard"][k], weights["vlm-hard-net"][k]) for k in weights["vlm-hard"])
+    seen = []
+    real = step_mod.ranked_warmup_loss
+    monkeypatch.setattr(step_mod, "ranked_warmup_loss", lambda logits, t: seen.append(t) or real(logits, t))
+    ctx = make_ctx()
+    ctx.vlm_probs = torch.full((N, C), 1.0 / C)
+    run(make_cfg(warmup_loss="vlm-hard-net"), ctx, range(1))
+    first, last = seen[0], seen[-1]
+    assert torch.allclose(first.amax(1), 1.0 / (first > 0).sum(1))  # weight 0 at the first step: flat, as vlm-hard
+    multi = (last > 0).sum(1) > 1
+    assert multi.any() and not torch.allclose(last[multi].amax(1), 1.0 / (last[multi] > 0).sum(1))  # then not flat
+
+
 @pytest.mark.parametrize("loss", ["vlm-net", "vlm-net-soft"])
 def test_disambiguating_warmup_trains_on_targets_inside_the_set(monkeypatch, loss):
     import pipeline.coreg.step as step_mod

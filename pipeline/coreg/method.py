@@ -108,7 +108,7 @@ class CoReg(TwoNetworks):
         rows = torch.arange(ctx.n, device=ctx.device)
         # --warmup-loss vlm (not in the paper) trains like the kd baseline: batch B on weak views, so at the
         # switch the network has had as many steps as `kd` on the same epochs; paper: batch 2B, strong views
-        ranked = self.cfg.warmup_loss in ("vlm", "vlm-sharp", "vlm-hard", "vlm-net", "vlm-net-soft")
+        ranked = self.cfg.warmup_loss in ("vlm", "vlm-sharp", "vlm-hard", "vlm-hard-net", "vlm-net", "vlm-net-soft")
         bs = self.cfg.batch_size if ranked else 2 * self.cfg.batch_size
         total = steps_per_epoch(ctx.n, batch_size=bs, world=ctx.dist.world)
         sums: dict[str, Tensor] = {}  # loss terms summed on the device, read once after the epoch
@@ -117,10 +117,11 @@ class CoReg(TwoNetworks):
         targets = ranked_targets(ctx.vlm_probs, cand) if ranked else None  # (N, C) the annotator's ranking inside the set
         if self.cfg.warmup_loss == "vlm-sharp":  # sharpened with the method's own T (§3.3), as every Co-Reg target
             targets = sharpen(targets, T=self.cfg.sharpen_t)
-        elif self.cfg.warmup_loss == "vlm-hard":  # the annotator's top class inside the set
+        elif self.cfg.warmup_loss in ("vlm-hard", "vlm-hard-net"):  # the annotator's top class inside the set
             targets = top_targets(targets)
-        # vlm-net[-soft] (not in the paper): the annotator's ranking times the network's own prediction, per batch
-        with_net = {"vlm-net": "hard", "vlm-net-soft": "soft"}.get(self.cfg.warmup_loss, "")
+        # vlm-net[-soft] (not in the paper): the annotator's ranking times the network's own prediction, per batch;
+        # vlm-hard-net: vlm-hard's one-hot targets stay exactly one-hot (x / x = 1), a tied top is shared by the network
+        with_net = {"vlm-net": "hard", "vlm-net-soft": "soft", "vlm-hard-net": "soft"}.get(self.cfg.warmup_loss, "")
         for step, (glob, loc, _) in enumerate(ctx.progress(batches, total, f"warm-up {n}")):
             opt.zero_grad(set_to_none=True)
             out = warmup_step(ctx, net, idx=loc, n=glob.numel(), candidates=cand, keys=("warm", epoch, i, step), targets=targets, with_net=with_net,
@@ -245,7 +246,7 @@ def build(cfg, *, num_classes: int, make_net: Callable[[], nn.Module], num_rows:
 
     if cfg.contrast not in ("noisy", "supcon"):
         raise CoregError(f"--contrast {cfg.contrast!r} is unknown; choose noisy or supcon")
-    for name, allowed in (("division", ("global", "class")), ("epoch_steps", ("p", "all", "rows")), ("warmup_loss", ("paper", "vlm", "vlm-sharp", "vlm-hard", "vlm-net", "vlm-net-soft")), ("partner_scores", ("net", "vlm")), ("mix_views", ("strong", "weak"))):
+    for name, allowed in (("division", ("global", "class")), ("epoch_steps", ("p", "all", "rows")), ("warmup_loss", ("paper", "vlm", "vlm-sharp", "vlm-hard", "vlm-hard-net", "vlm-net", "vlm-net-soft")), ("partner_scores", ("net", "vlm")), ("mix_views", ("strong", "weak"))):
         if getattr(cfg, name) not in allowed:
             raise CoregError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is unknown; choose {' or '.join(allowed)}")
     if cfg.prior_penalty < 0:
