@@ -107,3 +107,28 @@ def test_accuracy_dev_subset_is_disjoint(tmp_path):
     assert rep["pool"] == dev["pool"] and len(dev["train"]) == len(dev["test"]) == 4
     assert not (dev["train"] | dev["test"]) & (rep["train"] | rep["test"] | rep["pool"])
     assert not dev["train"] & dev["test"]
+
+
+def test_annotation_probe(tmp_path):
+    """bench/annotation_probe.py runs on a dataset in the stage contract, and its Dawid-Skene aggregation beats a
+    majority vote where the labellers differ in quality (three votes: one right 90% of the time, two at 40%)."""
+    import numpy as np
+
+    from bench.annotation_probe import dawid_skene
+    from tests.annotated import make_annotated
+
+    ann = make_annotated(tmp_path / "ann", n_train=30, n_test=0)
+    out = bench("annotation_probe.py", str(ann), cwd=tmp_path)
+    header, _, row = out.strip().splitlines()
+    cells = dict(zip(header.strip("| ").split(" | "), row.strip("| ").split(" | "), strict=True))
+    import datasets
+
+    train = datasets.load_from_disk(str(ann))["train"]
+    assert cells["dataset"] == str(ann) and "dawid_skene" not in cells  # no votes column: no aggregation
+    assert float(cells["top1"]) == round(100 * np.mean(np.array(train["vlm_pred"]) == np.array(train["label"])), 1)
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 3000)
+    votes = np.stack([np.where(rng.random(3000) < acc, y, (y + rng.integers(1, 4, 3000)) % 4) for acc in (0.9, 0.4, 0.4)], 1)
+    majority = np.array([np.bincount(v, minlength=4).argmax() for v in votes])
+    assert (dawid_skene(votes, 4).argmax(1) == y).mean() > (majority == y).mean() + 0.05
