@@ -54,15 +54,18 @@ def result_changing(old: dict, new: dict, start: int) -> list[str]:
     Free: RESUME_FREE; an option only other `--method`s read (`only=` in pipeline/config.py); and, while Co-Reg
     is still in its warm-up (every epoch so far was a warm-up epoch under the old and the new
     --warmup-epochs), the options it reads only after the warm-up (`from_warmup=True`) and --warmup-epochs
-    itself. Everything else, including any option without a declaration, counts as result-changing.
+    itself, unless the warm-up loss ramps the network's weight over --warmup-epochs (`vlm-hard-net`, the
+    default, and `vlm-net[-soft]`: their warm-up steps read it). Everything else, including any option without a declaration, counts as result-changing.
     """
     import dataclasses
 
     from pipeline.config import TrainConfig
+    from pipeline.coreg.method import WITH_NET
 
     meta = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}
     method = old.get("method")
     warm = method == new.get("method") == "coreg" and start <= min(old.get("warmup_epochs", 0), new.get("warmup_epochs", 0))
+    ramped = old.get("warmup_loss") in WITH_NET  # the warm-up steps themselves read --warmup-epochs (the net's ramp)
     diff = []
     for k in sorted(set(old) | set(new)):
         if k in RESUME_FREE or old.get(k) == new.get(k):
@@ -70,7 +73,7 @@ def result_changing(old: dict, new: dict, start: int) -> list[str]:
         m = meta.get(k, {})
         if k != "method" and "only" in m and method not in m["only"] and new.get("method") == method:
             continue
-        if warm and (m.get("from_warmup") or k == "warmup_epochs"):
+        if warm and (m.get("from_warmup") or (k == "warmup_epochs" and not ramped)):
             continue
         diff.append(k)
     return diff

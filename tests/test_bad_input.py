@@ -218,10 +218,14 @@ def test_resume_may_change_what_the_epochs_so_far_did_not_use(ann, tmp_path):
     from safetensors.torch import load_file
 
     # Co-Reg in its warm-up: options read only after the warm-up may change, and the resumed run equals an
-    # uninterrupted run with the new values.
+    # uninterrupted run with the new values. --warmup-epochs too, where the warm-up does not read it
+    # (`vlm-hard`; the default `vlm-hard-net` ramps the network's weight over it: refused, below).
     a, b = tmp_path / "a", tmp_path / "b"
-    assert train(ann, a, "--epochs", "2", "--warmup-epochs", "2").exit_code == 0
-    new = ["--mixup-alpha", "2", "--p-threshold", "0.6", "--k-views", "1", "--warmup-epochs", "3"]
+    assert train(ann, a, "--epochs", "2", "--warmup-epochs", "2", "--warmup-loss", "vlm-hard").exit_code == 0
+    d = tmp_path / "d"  # the default warm-up loss: the ramp of the epochs already run would change
+    assert train(ann, d, "--epochs", "2", "--warmup-epochs", "2").exit_code == 0
+    one_line_error(train(ann, d, "--epochs", "4", "--resume", "--warmup-epochs", "3"), "--warmup-epochs 2 -> 3")
+    new = ["--mixup-alpha", "2", "--p-threshold", "0.6", "--k-views", "1", "--warmup-epochs", "3", "--warmup-loss", "vlm-hard"]
     r = train(ann, a, "--epochs", "4", "--resume", *new)
     assert r.exit_code == 0, r.output
     assert train(ann, b, "--epochs", "4", *new).exit_code == 0

@@ -49,6 +49,10 @@ from pipeline.training import (
 )
 from pipeline.two_networks import NETS, TwoNetworks, cycle
 
+# Warm-up losses that use the network's own prediction, with a weight ramped over --warmup-epochs: every warm-up
+# step reads --warmup-epochs, so a resume may not change it under these (pipeline/checkpoint.py)
+WITH_NET = {"vlm-net": "hard", "vlm-net-soft": "soft", "vlm-hard-net": "soft"}
+
 
 class CoReg(TwoNetworks):
     name = "coreg"
@@ -121,7 +125,7 @@ class CoReg(TwoNetworks):
             targets = top_targets(targets)
         # vlm-net[-soft] (not in the paper): the annotator's ranking times the network's own prediction, per batch;
         # vlm-hard-net: vlm-hard's one-hot targets stay exactly one-hot (x / x = 1), a tied top is shared by the network
-        with_net = {"vlm-net": "hard", "vlm-net-soft": "soft", "vlm-hard-net": "soft"}.get(self.cfg.warmup_loss, "")
+        with_net = WITH_NET.get(self.cfg.warmup_loss, "")
         for step, (glob, loc, _) in enumerate(ctx.progress(batches, total, f"warm-up {n}")):
             opt.zero_grad(set_to_none=True)
             out = warmup_step(ctx, net, idx=loc, n=glob.numel(), candidates=cand, keys=("warm", epoch, i, step), targets=targets, with_net=with_net,
