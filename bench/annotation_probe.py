@@ -44,22 +44,25 @@ def dawid_skene(votes: np.ndarray, num_classes: int, *, iters: int = 30) -> np.n
 
 def probe(path: str, split: str) -> dict[str, float]:
     import datasets
+    import torch
+
+    from pipeline.coreg.losses import ranked_targets
+    from pipeline.metrics import candidate_stats
+    from pipeline.schema import candidate_matrix
 
     ds = datasets.load_from_disk(path)[split]
     ds = ds.remove_columns([c for c in ("image",) if c in ds.column_names])
     y = np.array(list(ds["label"]))
     probs = np.array(list(ds["vlm_probs"]), dtype=np.float64)
     n, c = probs.shape
-    cand = np.zeros((n, c), dtype=bool)
-    for i, s in enumerate(ds["candidates"]):
-        cand[i, s] = True
+    cand = candidate_matrix(ds["candidates"], c)
     known = y >= 0
     acc = lambda pred: float((pred[known] == y[known]).mean())  # noqa: E731
-    in_set = probs * cand
-    in_set /= np.clip(in_set.sum(axis=1, keepdims=True), 1e-12, None)
+    in_set = ranked_targets(torch.as_tensor(probs), torch.as_tensor(cand)).double().numpy()  # what the warm-up ranks by
     top = np.array(list(ds["vlm_pred"]))
+    sets = candidate_stats(cand, y)
     out = {"n": float(known.sum()), "top1": acc(top), "in_set": acc(in_set.argmax(1)),
-           "coverage": float(cand[known, y[known]].mean()), "mean_set": float(cand.sum(1).mean()),
+           "coverage": sets["candidate_coverage"], "mean_set": sets["mean_candidates"],
            "debiased": acc((in_set / in_set.mean(axis=0)).argmax(1))}  # fmt: skip
     votes = np.array(list(ds["votes"]), dtype=np.int64) if "votes" in ds.column_names else np.zeros((n, 0))
     if votes.ndim == 2 and votes.shape[1] > 0:  # the synthetic annotator writes empty votes

@@ -55,7 +55,8 @@ def result_changing(old: dict, new: dict, start: int) -> list[str]:
     is still in its warm-up (every epoch so far was a warm-up epoch under the old and the new
     --warmup-epochs), the options it reads only after the warm-up (`from_warmup=True`) and --warmup-epochs
     itself, unless the warm-up loss ramps the network's weight over --warmup-epochs (`vlm-hard-net`, the
-    default, and `vlm-net[-soft]`: their warm-up steps read it). Everything else, including any option without a declaration, counts as result-changing.
+    default, and `vlm-net[-soft]`: their warm-up steps read it). Everything else, including any option without
+    a declaration, counts as result-changing.
     """
     import dataclasses
 

@@ -112,6 +112,7 @@ def test_accuracy_dev_subset_is_disjoint(tmp_path):
 def test_annotation_probe(tmp_path):
     """bench/annotation_probe.py runs on a dataset in the stage contract, and its Dawid-Skene aggregation beats a
     majority vote where the labellers differ in quality (three votes: one right 90% of the time, two at 40%)."""
+    import datasets
     import numpy as np
 
     from bench.annotation_probe import dawid_skene
@@ -121,8 +122,6 @@ def test_annotation_probe(tmp_path):
     out = bench("annotation_probe.py", str(ann), cwd=tmp_path)
     header, _, row = out.strip().splitlines()
     cells = dict(zip(header.strip("| ").split(" | "), row.strip("| ").split(" | "), strict=True))
-    import datasets
-
     train = datasets.load_from_disk(str(ann))["train"]
     assert cells["dataset"] == str(ann) and "dawid_skene" not in cells  # no votes column: no aggregation
     assert float(cells["top1"]) == round(100 * np.mean(np.array(train["vlm_pred"]) == np.array(train["label"])), 1)
