@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.training import Context, make_sgd
 
@@ -22,10 +23,29 @@ class TwoNetworks:
         self.raw = {n: make_net() for n in NETS}
         self.wrapped = dict(self.raw)  # replaced by prepare() (e.g. a device-placed / compiled module)
         self.opts = {n: make_sgd(cfg, self.raw[n]) for n in NETS}
+        self.avg: dict[str, AveragedModel] = {}  # prediction copies (`average_weights`); empty: predict with `raw`
+
+    def average_weights(self, steps_per_epoch: int) -> None:
+        """Predict with an exponential moving average of each network's weights and BatchNorm statistics
+        (`--ema-epochs`, not in the paper): decay 1 - 1/(ema_epochs x steps per epoch), so the average spans
+        about that many epochs of this run whatever its size. Training reads only `raw`; `update_average` after
+        each optimiser step keeps the copies; they are what predict_logits and model.safetensors use."""
+        tau = float(getattr(self.cfg, "ema_epochs", 0) or 0) * max(1, steps_per_epoch)
+        if tau > 0:
+            fn = get_ema_multi_avg_fn(max(0.0, 1.0 - 1.0 / max(tau, 1.0)))
+            self.avg = {n: AveragedModel(self.raw[n], multi_avg_fn=fn, use_buffers=True).requires_grad_(False) for n in NETS}
+
+    def update_average(self, n: str) -> None:
+        if self.avg:
+            self.avg[n].update_parameters(self.raw[n])
 
     # --- Method protocol -------------------------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
-        return dict(self.raw)
+        return {**self.raw, **{f"{n}_avg": m for n, m in self.avg.items()}}
+
+    def predictor(self, n: str, averaged: bool = True) -> nn.Module:
+        """The network that predicts for `n`: its weight average where there is one, else the trained net."""
+        return self.avg[n].module if (averaged and self.avg) else self.raw[n]
 
     def optimizers(self):
         return self.opts
@@ -41,11 +61,12 @@ class TwoNetworks:
         pass
 
     def prediction_weights(self) -> dict[str, Tensor]:
-        return {f"{n}.{k}": v.detach().cpu().contiguous() for n in NETS for k, v in self.raw[n].state_dict().items()}
+        return {f"{n}.{k}": v.detach().cpu().contiguous() for n in NETS for k, v in self.predictor(n).state_dict().items()}
 
     @torch.no_grad()
-    def predict_logits(self, x: Tensor, which: str = "default") -> Tensor:
-        """Sum of both networks' logits (`ensemble`) or one network's, in eval mode (`--predict-with`)."""
+    def predict_logits(self, x: Tensor, which: str = "default", averaged: bool = True) -> Tensor:
+        """Sum of both networks' logits (`ensemble`) or one network's, in eval mode (`--predict-with`); with
+        their weight averages where `--ema-epochs` keeps them (`averaged=False`: the trained weights)."""
         which = self.cfg.predict_with if which == "default" else which
         if which not in ("ensemble", *NETS):
             from pipeline.errors import CoregError
@@ -53,10 +74,11 @@ class TwoNetworks:
             raise CoregError(f"which={which!r} is unknown; choose default, ensemble, net1 or net2")
         out = 0
         for n in NETS if which == "ensemble" else (which,):
-            was = self.raw[n].training
-            self.raw[n].eval()
-            out = out + self.raw[n](x).float()
-            self.raw[n].train(was)
+            net = self.predictor(n, averaged)
+            was = net.training
+            net.eval()
+            out = out + net(x).float()
+            net.train(was)
         return out
 
 

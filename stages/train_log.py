@@ -16,7 +16,8 @@ def test_accuracy(method, augment, images, labels, ctx) -> dict[str, float]:
     rows = dist.shard(images.shape[0])
     mine = torch.arange(rows.start, rows.stop, device=images.device)
     known = labels[mine] >= 0
-    counts = torch.zeros(3, device=images.device, dtype=torch.float64)
+    averaged = bool(getattr(method, "avg", None))  # --ema-epochs: also score the trained weights (diagnostic)
+    counts = torch.zeros(4, device=images.device, dtype=torch.float64)
     with torch.no_grad():
         for c in mine.split(1024):
             x = augment.normalize(images[c])
@@ -24,11 +25,16 @@ def test_accuracy(method, augment, images, labels, ctx) -> dict[str, float]:
             ok = lab >= 0
             counts[0] += (method.predict_logits(x).argmax(1) == lab)[ok].sum()
             counts[1] += (method.predict_logits(x, "net1").argmax(1) == lab)[ok].sum()
+            if averaged:
+                counts[3] += (method.predict_logits(x, averaged=False).argmax(1) == lab)[ok].sum()
     counts[2] = known.sum()
     counts = dist.all_reduce_sum(counts)
     if counts[2] == 0:
         return {}
-    return {"test_acc": float(counts[0] / counts[2]), "test_acc_net1": float(counts[1] / counts[2])}
+    out = {"test_acc": float(counts[0] / counts[2]), "test_acc_net1": float(counts[1] / counts[2])}
+    if averaged:
+        out["test_acc_trained"] = float(counts[3] / counts[2])
+    return out
 
 
 # Loss terms the methods log beside their total `loss` (pipeline/coreg/step.py, pipeline/baselines/).

@@ -635,3 +635,49 @@ def test_align_targets_option(prior):
     assert m._step_params(2, 2.0).align_self is None  # no division given: nothing to align to
     assert r["net1/n_p"] == r_off["net1/n_p"]  # the division of epoch 1 comes before any aligned target
     assert r["net1/l_x"] != pytest.approx(r_off["net1/l_x"], abs=1e-7)
+
+
+def test_weight_average_predicts_without_changing_training(main_run):
+    """--ema-epochs: the trained weights are exactly those of a run without it; prediction and the exported
+    weights are each network's exponential moving average (decay 1 - 1/(ema_epochs x steps per epoch))."""
+    cfg, ctx = replace(main_run["cfg"], ema_epochs=0.5), make_ctx()
+    m, metrics = run(cfg, ctx, range(3))
+    assert metrics == main_run["metrics"]  # training reads only the trained networks
+    trained = {f"{n}.{k}": v for n in ("net1", "net2") for k, v in m.raw[n].state_dict().items()}
+    for k, v in main_run["snaps"][-1].items():
+        assert torch.equal(trained[k], v), k
+    avg = m.prediction_weights()
+    assert avg.keys() == trained.keys() and changed(avg, trained, "net1.") and changed(avg, trained, "net2.")
+    assert int(m.avg["net1"].n_averaged) >= 3 and int(m.avg["net2"].n_averaged) >= 3  # updated after every step
+    x = ctx.augment.normalize(ctx.images[:5])
+    with torch.no_grad():
+        m.avg["net1"].module.eval()
+        assert torch.allclose(m.predict_logits(x, which="net1"), m.avg["net1"].module(x))
+        m.avg["net1"].module.train()
+        m.raw["net1"].eval()
+        assert torch.allclose(m.predict_logits(x, which="net1", averaged=False), m.raw["net1"](x))
+        m.raw["net1"].train()
+    assert {"net1_avg", "net2_avg"} <= m.modules().keys()  # checkpointed: a resume continues the average
+    assert "net1_avg" not in main_run["m"].modules()  # off (the paper): nothing extra to save
+
+
+def test_weight_average_decay_follows_the_run_length(monkeypatch):
+    from pipeline import two_networks
+
+    seen, real = [], two_networks.get_ema_multi_avg_fn
+    monkeypatch.setattr(two_networks, "get_ema_multi_avg_fn", lambda decay: seen.append(decay) or real(decay))
+    make_method(make_cfg(ema_epochs=2.0, batch_size=4))  # 9 steps per epoch: an average over ~18 steps
+    assert seen == [pytest.approx(1 - 1 / 18)]
+
+
+def test_weight_average_as_teacher_changes_training_and_needs_an_average(main_run):
+    """--ema-teach: the division pass and the partner's guesses use the averages, so training differs from
+    the trained-networks teacher from the first Co-Reg epoch (the warm-up, which reads no teacher, does not)."""
+    cfg, ctx = replace(main_run["cfg"], ema_epochs=0.5, ema_teach=True), make_ctx()
+    m, metrics = run(cfg, ctx, range(3))
+    assert metrics[0] == main_run["metrics"][0] and metrics[2] != main_run["metrics"][2]
+    assert all_finite(metrics[2]) and m.raw["net1"].training and m.raw["net2"].training
+    from pipeline.errors import CoregError
+
+    with pytest.raises(CoregError, match="--ema-teach needs a weight average"):
+        make_method(replace(main_run["cfg"], ema_teach=True))

@@ -59,11 +59,13 @@ def test_train_writes_model_directory(ann, tmp_path):
     assert model.probs(x).shape == (2, 3)
 
 
-def test_resume_equals_uninterrupted(ann, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--ema-epochs", "1", "--ema-teach")], ids=["default", "weight-average"])
+def test_resume_equals_uninterrupted(ann, tmp_path, extra):
     full, part = tmp_path / "full", tmp_path / "part"
     # a fixed cosine period: "interrupted" is emulated by a shorter --epochs, and with the default preset's
-    # --lr-period 0 the schedule (rightly) follows --epochs, so a resume to 3 would be refused
-    fixed = ("--lr-period", "800")
+    # --lr-period 0 the schedule (rightly) follows --epochs, so a resume to 3 would be refused. With a weight
+    # average (exported, and teaching) the checkpoint must carry it for the resumed run to equal this one.
+    fixed = ("--lr-period", "800", *extra)
     assert train(ann, full, "--epochs", "3", *fixed).exit_code == 0
     assert train(ann, part, "--epochs", "2", *fixed).exit_code == 0  # "interrupted" after epoch 2
     r = train(ann, part, "--epochs", "3", "--resume", *fixed)

@@ -64,9 +64,10 @@ class CoReg(TwoNetworks):
         self.history = {n: LossHistory(num_rows, history=cfg.gmm_history) for n in NETS}
         self.protos = Prototypes(num_classes, cfg.proj_dim)
         self.prior: Tensor | None = None  # --prior annotator: set from the data at every epoch (train_epoch)
+        self.average_weights(steps_per_epoch(num_rows, batch_size=cfg.batch_size, world=1))  # --ema-epochs
 
     def modules(self) -> dict[str, nn.Module]:
-        mods: dict[str, nn.Module] = {"prototypes": self.protos}
+        mods: dict[str, nn.Module] = {"prototypes": self.protos, **{f"{n}_avg": m for n, m in self.avg.items()}}
         for n in NETS:
             mods[n], mods[f"{n}_key"] = self.raw[n], self.keys[n]
             mods[f"{n}_queue"], mods[f"{n}_history"] = self.queues[n], self.history[n]
@@ -131,6 +132,7 @@ class CoReg(TwoNetworks):
             out = warmup_step(ctx, net, idx=loc, n=glob.numel(), candidates=cand, keys=("warm", epoch, i, step), targets=targets, with_net=with_net,
                               net_weight=min(1.0, (epoch + step / max(total, 1)) / max(self.cfg.warmup_epochs, 1)))
             opt.step()
+            self.update_average(n)
             add_terms(sums, out, ("loss", "partial_ce", "neg_entropy", "soft_ce"))
             counts += F.one_hot(out["probs"].argmax(1), self.C).sum(0)  # bincount would read its max on the host
         return {**mean_over(sums, total, ctx), **prediction_balance(ctx.dist.all_reduce_sum(counts))}
@@ -138,7 +140,8 @@ class CoReg(TwoNetworks):
     @torch.no_grad()
     def _divide(self, epoch, i, n, ctx, cand) -> dict[str, Tensor]:
         """§3.2 eval_train: weak view of every row in eval mode → DA → division loss → history → GMM → split."""
-        net, aug, N, dist = self.raw[n], ctx.augment, ctx.n, ctx.dist
+        net, aug, N, dist = self.predictor(n, self.cfg.ema_teach), ctx.augment, ctx.n, ctx.dist  # --ema-teach: the average
+        was = net.training
         net.eval()
         params = aug.sample_weak(N, ctx.rng("divide", epoch, i))
         r = dist.shard(N)  # this process's rows of the pass
@@ -149,7 +152,7 @@ class CoReg(TwoNetworks):
                 chunks.append(net(aug.apply_weak(ctx.images[c], aug.select(params, c))).float().softmax(1))
         probs = torch.cat(chunks) if chunks else torch.zeros(0, self.C, device=ctx.device)
         probs = dist.gather_shards(probs, N)  # (N, C) rows 0..N-1 in order
-        net.train()
+        net.train(was)
         counts = torch.bincount(probs.argmax(1), minlength=self.C).float()  # raw predictions, before DA
         mean = probs.mean(0)  # (C,) the network's mean prediction, before DA: --align-targets divides by it
         if self.cfg.dist_align:
@@ -186,10 +189,12 @@ class CoReg(TwoNetworks):
             n_steps = steps_per_epoch(p_rows.numel(), batch_size=b, world=w)
             batches = iterate_batches(p_rows, batch_size=b, generator=ctx.rng("p-order", epoch, i), dist=dist)
         u_batch = (min(u_cap, u_rows.numel()) // w) * w  # 0 (empty U batches) when U or the cap is below one row per process
-        nets = StepNets(self.wrapped[n], self.raw[n], self.keys[n], self.queues[n], self.raw[partner], self.protos)
+        teacher = self.predictor(partner, cfg.ema_teach)  # --ema-teach: the partner's weight average guesses
+        nets = StepNets(self.wrapped[n], self.raw[n], self.keys[n], self.queues[n], teacher, self.protos)
         self.raw[n].train()
-        self.raw[partner].eval()
-        sync_buffers(self.raw[partner], dist)  # the partner was just trained: one set of BN statistics on every rank
+        was = teacher.training
+        teacher.eval()
+        sync_buffers(teacher, dist)  # the partner was just trained: one set of BN statistics on every rank
         u_iter = cycle(u_rows, u_batch, ctx, ("u-order", epoch, i))
         sums: dict[str, Tensor] = {}  # loss terms summed on the device, read once after the epoch
         hits = torch.zeros(4, device=ctx.device)  # pseudo-label correct / total on P, then on U (diagnostics)
@@ -205,6 +210,7 @@ class CoReg(TwoNetworks):
                 p_self_scores=own["scores"][p_loc], p_self_w=own["w"][p_loc], keys=("step", epoch, i, step),
             )
             self.opts[n].step()
+            self.update_average(n)
             add_terms(sums, out, ("loss", "l_x", "l_u", "proto", "cont", "prior"))
             if ctx.diag_label is not None:
                 for j, (rows, tgt) in enumerate(((p_loc, out["targets_p"]), (u_loc, out["targets_u"]))):
@@ -212,7 +218,7 @@ class CoReg(TwoNetworks):
                     known = lab >= 0  # a mask, not an index: indexing with it would size the result on the host
                     hits[2 * j] += ((tgt.argmax(1) == lab) & known).sum()
                     hits[2 * j + 1] += known.sum()
-        self.raw[partner].train()
+        teacher.train(was)
         m = mean_over(sums, n_steps, ctx)
         m.update({"n_p": float(p_rows.numel()), "n_u": float(ctx.n - p_rows.numel()), "mean_w": float(div["w"].mean())})
         if ctx.diag_label is not None:  # diagnostics only: never used for training or selection
@@ -253,6 +259,8 @@ def build(cfg, *, num_classes: int, make_net: Callable[[], nn.Module], num_rows:
     for name, allowed in (("division", ("global", "class")), ("epoch_steps", ("p", "all", "rows")), ("warmup_loss", ("paper", "vlm", "vlm-sharp", "vlm-hard", "vlm-hard-net", "vlm-net", "vlm-net-soft")), ("partner_scores", ("net", "vlm")), ("mix_views", ("strong", "weak"))):
         if getattr(cfg, name) not in allowed:
             raise CoregError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is unknown; choose {' or '.join(allowed)}")
+    if cfg.ema_teach and not cfg.ema_epochs:
+        raise CoregError("--ema-teach needs a weight average to teach with: give --ema-epochs (e.g. 1)")
     if cfg.prior_penalty < 0:
         raise CoregError(f"--prior-penalty must be 0 (off) or positive, got {cfg.prior_penalty}")
     return CoReg(cfg, num_classes=num_classes, make_net=make_net, num_rows=num_rows)
