@@ -72,6 +72,7 @@ def default_values(cfg, *, n_rows: int, gpu: bool) -> dict:
         b = 256  # the ramp see many updates per epoch on small data), never below 32
         while b > 32 and n_rows / b < 30:
             b //= 2
+        b = max(1, min(b, n_rows // 2))  # fewer than 64 images: two steps per epoch (a batch over n is refused)
     out["batch_size"] = b
     steps = max(1, math.ceil(n_rows / b))  # per epoch
     e = cfg.epochs

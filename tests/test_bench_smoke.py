@@ -131,3 +131,27 @@ def test_annotation_probe(tmp_path):
     votes = np.stack([np.where(rng.random(3000) < acc, y, (y + rng.integers(1, 4, 3000)) % 4) for acc in (0.9, 0.4, 0.4)], 1)
     majority = np.array([np.bincount(v, minlength=4).argmax() for v in votes])
     assert (dawid_skene(votes, 4).argmax(1) == y).mean() > (majority == y).mean() + 0.05
+
+
+def test_fit_probe(tmp_path):
+    """bench/fit_probe.py scores a trained model on its training rows, split by whether the set holds the label."""
+    import datasets
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from bench.fit_probe import probe
+    from stages.cli import app
+    from tests.annotated import make_annotated
+
+    ann = make_annotated(tmp_path / "ann", n_train=30, n_test=0, eta=0.3)
+    model = tmp_path / "model"
+    r = CliRunner().invoke(app, ["train", str(ann), str(model), "--epochs", "2", "--arch", "small_cnn", "--cpu", "--num-workers", "0"])
+    assert r.exit_code == 0, r.output
+    out = bench("fit_probe.py", str(ann), str(model), cwd=tmp_path)
+    header, _, row = out.strip().splitlines()
+    cells = dict(zip(header.strip("| ").split(" | "), row.strip("| ").split(" | "), strict=True))
+    train = datasets.load_from_disk(str(ann))["train"]
+    valid = np.mean([y in c for y, c in zip(train["label"], train["candidates"], strict=True)])
+    assert 0 < valid < 1 and float(cells["valid rows (%)"]) == round(100 * valid, 1)
+    res = probe(str(ann), str(model))
+    assert all(0 <= v <= 100 for v in res.values()) and cells["model"] == str(model)

@@ -56,3 +56,10 @@ def test_unknown_preset_is_refused_on_the_command_line(tmp_path):
 
     r = CliRunner().invoke(app, ["train", str(tmp_path / "a"), str(tmp_path / "m"), "--preset", "fast"])
     assert r.exit_code == 2 and "--preset" in r.output and "paper" in r.output
+
+
+def test_default_batch_fits_a_tiny_train_split():
+    """Fewer than 64 images: the preset's batch is half the split (a batch above the split is refused), not 32."""
+    c, filled = resolve(TrainConfig(annotated="-", out="-"), n_rows=30, gpu=False)
+    assert c.batch_size == filled["batch_size"] == 15
+    assert resolve(TrainConfig(annotated="-", out="-"), n_rows=64, gpu=False)[0].batch_size == 32
