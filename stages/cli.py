@@ -31,7 +31,7 @@ app = typer.Typer(
 )
 
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool, "str | None": Optional[str],  # noqa: UP045
-          "int | None": Optional[int], "float | None": Optional[float]}  # noqa: UP045
+          "int | None": Optional[int], "float | None": Optional[float], "bool | None": Optional[bool]}  # noqa: UP045
 
 
 def _params(cls, *, prefix_skip: tuple[str, ...] = (), skip: tuple[str, ...] = (), positional: bool = True):

@@ -32,7 +32,7 @@ def test_default_preset_derives_from_data_size_and_device():
     assert c.moco_m == pytest.approx(0.999 ** (195 / 32))
     assert c.queue_size == 328  # 16% of the rows, like 8192 of 50k
     assert (c.division, c.epoch_steps, c.warmup_loss, c.partner_scores, c.mix_views) == ("class", "rows", "vlm-hard-net", "net", "weak")
-    assert c.mixup_alpha == 0.5  # light mixup for Co-Reg (bench/results/accuracy_dev_mixup.md)
+    assert c.mixup_alpha == 0.1 and c.use_unlabeled is False  # bench/results/accuracy_dev_u_mixup.md
     for method in ("dividemix", "alim"):  # the baselines that mix keep their papers' alpha under every preset
         assert resolve(cfg(method=method), n_rows=2000, gpu=False)[0].mixup_alpha == 4.0
     g, _ = resolve(cfg(), n_rows=50_000, gpu=True)
