@@ -36,6 +36,8 @@ class TwoNetworks:
             self.avg = {n: AveragedModel(self.raw[n], multi_avg_fn=fn, use_buffers=True).requires_grad_(False) for n in NETS}
 
     def update_average(self, n: str) -> None:
+        # AveragedModel reads its update count on the host (one device sync per step on a GPU): acceptable for an
+        # option that is off in both presets; the default path never reaches this
         if self.avg:
             self.avg[n].update_parameters(self.raw[n])
 
