@@ -18,11 +18,9 @@ import numpy as np
 
 
 def probe(annotated: str, model_dir: str, split: str = "train") -> dict[str, float]:
-    import torch
-
-    from pipeline.data import image_to_tensor
     from pipeline.model_io import load_model
     from pipeline.schema import candidate_matrix, load_annotated
+    from stages.evaluate import predict_rows
 
     ds, classes = load_annotated(annotated, stage="fit_probe")
     rows = ds[split]
@@ -30,13 +28,8 @@ def probe(annotated: str, model_dir: str, split: str = "train") -> dict[str, flo
     known = lab >= 0
     cand = np.asarray(candidate_matrix(rows["candidates"], len(classes)), dtype=bool)
     model = load_model(model_dir)
-    size = int(model.config["image_size"])
-    pred = []
-    with torch.no_grad():
-        for s in range(0, len(rows), 256):
-            x = torch.stack([image_to_tensor(im, size) for im in rows[s : s + 256]["image"]])
-            pred.append(model.probs(x).argmax(1).numpy())
-    pred = np.concatenate(pred)
+    per_net, _ = predict_rows(model, rows, range(len(rows)), batch_size=256, progress=False)  # as `coreg evaluate`
+    pred = np.asarray(model.combine(per_net)).argmax(1)  # the model's own prediction rule (--predict-with)
     idx = np.arange(len(lab))
     valid = known & cand[idx, np.where(known, lab, 0)]
     invalid = known & ~valid

@@ -30,9 +30,9 @@ class TwoNetworks:
         (`--ema-epochs`, not in the paper): decay 1 - 1/(ema_epochs x steps per epoch), so the average spans
         about that many epochs of this run whatever its size. Training reads only `raw`; `update_average` after
         each optimiser step keeps the copies; they are what predict_logits and model.safetensors use."""
-        tau = float(getattr(self.cfg, "ema_epochs", 0) or 0) * max(1, steps_per_epoch)
+        tau = float(self.cfg.ema_epochs or 0) * max(1, steps_per_epoch)  # optimiser steps the average spans
         if tau > 0:
-            fn = get_ema_multi_avg_fn(max(0.0, 1.0 - 1.0 / max(tau, 1.0)))
+            fn = get_ema_multi_avg_fn(1.0 - 1.0 / max(tau, 1.0))
             self.avg = {n: AveragedModel(self.raw[n], multi_avg_fn=fn, use_buffers=True).requires_grad_(False) for n in NETS}
 
     def update_average(self, n: str) -> None:

@@ -67,10 +67,9 @@ class CoReg(TwoNetworks):
         self.average_weights(steps_per_epoch(num_rows, batch_size=cfg.batch_size, world=1))  # --ema-epochs
 
     def modules(self) -> dict[str, nn.Module]:
-        mods: dict[str, nn.Module] = {"prototypes": self.protos, **{f"{n}_avg": m for n, m in self.avg.items()}}
+        mods: dict[str, nn.Module] = {"prototypes": self.protos, **super().modules()}  # the nets and their averages
         for n in NETS:
-            mods[n], mods[f"{n}_key"] = self.raw[n], self.keys[n]
-            mods[f"{n}_queue"], mods[f"{n}_history"] = self.queues[n], self.history[n]
+            mods[f"{n}_key"], mods[f"{n}_queue"], mods[f"{n}_history"] = self.keys[n], self.queues[n], self.history[n]
         return mods
 
     # --- epochs ----------------------------------------------------------------------------------------
