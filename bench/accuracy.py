@@ -72,7 +72,7 @@ def diagnostics(model: Path) -> dict:
     epochs = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
     warm = [e for e in epochs if e.get("phase") == 0.0]
     diag = {"acc_end_warmup": warm[-1].get("test_acc") if warm else None}
-    for k in ("n_p", "n_u", "diag_pseudo_acc_p", "diag_pseudo_acc_u", "diag_p_valid", "diag_p_clean"):
+    for k in ("n_p", "n_u", "n_u_used", "diag_pseudo_acc_p", "diag_pseudo_acc_u", "diag_p_valid", "diag_p_clean"):
         vals = [epochs[-1][f"{n}/{k}"] for n in ("net1", "net2") if f"{n}/{k}" in epochs[-1]]
         diag[k] = sum(vals) / len(vals) if vals else None
     report = model / "eval-test" / "report.json"

@@ -330,6 +330,33 @@ def test_without_unlabeled_no_u_loss():
         assert f"{n}/diag_pseudo_acc_u" not in r  # no U row was pseudo-labelled
 
 
+def test_u_confidence_trains_only_on_confident_u_rows(monkeypatch):
+    """--u-confidence: the U rows of a step are those whose two networks' mean division-pass prediction reaches
+    the threshold; 1.0 keeps none of them (so no U loss), and it needs U switched on."""
+    from pipeline.coreg import method as method_mod
+    from pipeline.errors import CoregError
+
+    seen = []
+    real = method_mod.coreg_step
+    monkeypatch.setattr(method_mod, "coreg_step", lambda ctx, nets, hp, **kw: seen.append(kw["u_idx"]) or real(ctx, nets, hp, **kw))
+    m = make_method(make_cfg(use_unlabeled=True, u_confidence=0.55))
+    ctx = make_ctx()
+    m.train_epoch(0, ctx)
+    divs = {}
+    real_divide = m._divide
+    monkeypatch.setattr(m, "_divide", lambda *a: divs.setdefault(a[2], real_divide(*a)))
+    r = m.train_epoch(1, ctx)
+    conf = (divs["net1"]["raw"] + divs["net2"]["raw"]).max(1).values / 2
+    allowed = ~divs["net2"]["p"] & (conf >= 0.55)  # net1 trains on net2's division
+    used = torch.cat([u for u in seen[: len(seen) // 2]])
+    assert used.numel() > 0 and bool(allowed[used].all())
+    assert 0 < r["net1/n_u_used"] < r["net1/n_u"]
+    _, (_, r1) = run(make_cfg(use_unlabeled=True, u_confidence=1.0), make_ctx(), range(2))
+    assert r1["net1/n_u_used"] == 0 and r1["net1/l_u"] == 0.0 and r1["net1/n_u"] > 0
+    with pytest.raises(CoregError, match="add --use-unlabeled"):
+        make_method(make_cfg(use_unlabeled=False, u_confidence=0.9))
+
+
 @pytest.mark.parametrize(
     "switch", [{"co_pseudo_labels": False}, {"prototypes": False}, {"contrast": "supcon"}]
 )

@@ -152,6 +152,7 @@ class CoReg(TwoNetworks):
         probs = torch.cat(chunks) if chunks else torch.zeros(0, self.C, device=ctx.device)
         probs = dist.gather_shards(probs, N)  # (N, C) rows 0..N-1 in order
         net.train(was)
+        raw = probs  # (N, C) before DA: --u-confidence reads its confidence
         counts = torch.bincount(probs.argmax(1), minlength=self.C).float()  # raw predictions, before DA
         mean = probs.mean(0)  # (C,) the network's mean prediction, before DA: --align-targets divides by it
         if self.cfg.dist_align:
@@ -166,12 +167,15 @@ class CoReg(TwoNetworks):
         else:
             w = torch.as_tensor(gmm_clean_prob(loss.cpu().numpy(), seed=seed))
         p_mask, w = split(w.to(ctx.device).float(), threshold=self.cfg.p_threshold, forced_clean=ctx.trusted)
-        return {"w": w, "p": p_mask, "scores": scores, "counts": counts, "mean": mean}
+        return {"w": w, "p": p_mask, "scores": scores, "counts": counts, "mean": mean, "raw": raw}
 
     def _train(self, epoch, i, n, partner, div, own, ctx) -> dict[str, float]:
         cfg, dist = self.cfg, ctx.dist
         p_rows = div["p"].nonzero().squeeze(1)
-        u_rows = (~div["p"]).nonzero().squeeze(1) if cfg.use_unlabeled else div["p"].new_zeros(0, dtype=torch.long)
+        u_mask = ~div["p"] if cfg.use_unlabeled else torch.zeros_like(div["p"])
+        if cfg.u_confidence > 0:  # not in the paper: only the U rows whose co-guess (both networks) is confident
+            u_mask = u_mask & ((div["raw"] + own["raw"]).max(1).values / 2 >= cfg.u_confidence)
+        u_rows = u_mask.nonzero().squeeze(1)
         w, b = dist.world, cfg.batch_size
         u_cap = b  # the most U rows per step
         if cfg.epoch_steps in ("all", "rows") and p_rows.numel() >= w:  # not in the paper: N/batch steps whatever |P|, so the P loader cycles too
@@ -219,7 +223,8 @@ class CoReg(TwoNetworks):
                     hits[2 * j + 1] += known.sum()
         teacher.train(was)
         m = mean_over(sums, n_steps, ctx)
-        m.update({"n_p": float(p_rows.numel()), "n_u": float(ctx.n - p_rows.numel()), "mean_w": float(div["w"].mean())})
+        m.update({"n_p": float(p_rows.numel()), "n_u": float(ctx.n - p_rows.numel()), "n_u_used": float(u_rows.numel()),
+                  "mean_w": float(div["w"].mean())})
         if ctx.diag_label is not None:  # diagnostics only: never used for training or selection
             hits = dist.all_reduce_sum(hits)
             if hits[1] > 0:
@@ -260,6 +265,8 @@ def build(cfg, *, num_classes: int, make_net: Callable[[], nn.Module], num_rows:
             raise CoregError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is unknown; choose {' or '.join(allowed)}")
     if cfg.ema_teach and not cfg.ema_epochs:
         raise CoregError("--ema-teach needs a weight average to teach with: give --ema-epochs (e.g. 1)")
+    if cfg.u_confidence > 0 and not cfg.use_unlabeled:
+        raise CoregError("--u-confidence selects rows of U, but U is not trained on (the default preset trains on P only): add --use-unlabeled")
     if cfg.prior_penalty < 0:
         raise CoregError(f"--prior-penalty must be 0 (off) or positive, got {cfg.prior_penalty}")
     return CoReg(cfg, num_classes=num_classes, make_net=make_net, num_rows=num_rows)
