@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -51,9 +52,28 @@ def train_options(args, method: str = "ce") -> list[str]:
     return opts + extra.split()
 
 
-def preset_fingerprint(args, method: str) -> dict | None:
+_SKEW: dict[str, tuple | None] = {}
+_SKEW_LOCK = threading.Lock()
+
+
+def annotation_skew_of(ann: Path) -> tuple | None:
+    """stages.train.annotation_skew of an annotated dataset, once per path. Under a lock: run_one runs in
+    threads, and datasets.load_from_disk in two threads at once trips over tqdm's shared lock."""
+    with _SKEW_LOCK:
+        if str(ann) not in _SKEW:
+            import datasets
+
+            from stages.train import annotation_skew
+
+            _SKEW[str(ann)] = annotation_skew(datasets.load_from_disk(str(ann))["train"])
+        return _SKEW[str(ann)]
+
+
+def preset_fingerprint(args, method: str, ann: Path | None = None) -> dict | None:
     """What the default preset fills in for this run (None under --preset paper): part of a cached result's
-    key, so a result trained under older preset rules is never mixed into a table made after they changed."""
+    key, so a result trained under older preset rules is never mixed into a table made after they changed.
+    `ann` (the annotated dataset): the warm-up rule reads its annotator skew, unless the method sets
+    --warmup-loss itself."""
     opts = train_options(args, method)
     if "--preset" in opts and opts[opts.index("--preset") + 1] == "paper":
         return None
@@ -61,8 +81,9 @@ def preset_fingerprint(args, method: str) -> dict | None:
 
     from pipeline.presets import default_values
 
+    skew = annotation_skew_of(ann) if ann is not None and opts[1] == "coreg" and "--warmup-loss" not in opts else None
     cfg = SimpleNamespace(batch_size=args.batch_size, epochs=args.epochs, method=opts[1])  # opts = ["--method", NAME, ...]
-    vals = default_values(cfg, n_rows=args.train_per_class * len(args.classes), gpu=args.device == "gpu")
+    vals = default_values(cfg, n_rows=args.train_per_class * len(args.classes), gpu=args.device == "gpu", skew=skew)
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in sorted(vals.items())}
 
 
@@ -91,7 +112,7 @@ def run_one(method: str, setting: str, seed: int, ann: Path, work: Path, args) -
 
     tag = f"{setting}|{seed}|{method}"
     res_file = work / "results" / (slug(tag) + ".json")
-    options, preset = train_options(args, method), preset_fingerprint(args, method)
+    options, preset = train_options(args, method), preset_fingerprint(args, method, ann)
     if res_file.exists():
         res = json.loads(res_file.read_text())
         if res["options"] != options:

@@ -13,7 +13,10 @@ split's labelled rows of label rules a student could be trained towards, none of
 - `conf@K%`: the top-1 of the K% most confident rows of each predicted class (class-balanced selection by
   the annotator's own confidence), the accuracy of a cleaner labelled subset;
 - `truth_first`: for how many classes the true class is the annotator's most frequent top-1 on that class's
-  rows: a class where it is not cannot be recovered from the top-1 by any learner that imitates it.
+  rows: a class where it is not cannot be recovered from the top-1 by any learner that imitates it;
+- `skew`, `margin` (label-free, what the default preset's warm-up rule reads: pipeline/presets.py
+  `annotator_skew`): the rarest class's share of the in-set top-1 times C, and the mean gap between the first
+  and second in-set probabilities (bench/results/accuracy_notes.md §20).
 
 This is a diagnostic for the benchmark (bench/results/accuracy_notes.md §11); nothing here is used in training.
 """
@@ -76,10 +79,19 @@ def probe(path: str, split: str) -> dict[str, float]:
         rows = np.asarray(rows, dtype=int)
         out[f"conf@{round(frac * 100)}%"] = float((top[rows] == y[rows]).mean())
     out["truth_first"] = float(sum(np.bincount(top[y == k], minlength=c).argmax() == k for k in range(c) if (y == k).any()))
+    from pipeline.presets import annotator_skew
+
+    skew = annotator_skew(cand, probs)
+    if skew is not None:
+        out["skew"], out["margin"] = skew[0], skew[2]
     return out
 
 
 def main() -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's pipeline, whatever is installed
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("annotated", nargs="+", help="annotated dataset folders (coreg annotate output)")
     p.add_argument("--split", default="train")
@@ -89,7 +101,7 @@ def main() -> None:
     print("| dataset | " + " | ".join(keys) + " |")
     print("| --- |" + " ---: |" * len(keys))
     for a, r in rows:
-        cells = ["–" if k not in r else f"{r[k]:.0f}" if k in ("n", "truth_first") else f"{r[k]:.2f}" if k == "mean_set"
+        cells = ["–" if k not in r else f"{r[k]:.0f}" if k in ("n", "truth_first") else f"{r[k]:.2f}" if k in ("mean_set", "skew", "margin")
                  else f"{100 * r[k]:.1f}" for k in keys]  # fmt: skip
         print(f"| {a} | " + " | ".join(cells) + " |")
 

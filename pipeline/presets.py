@@ -22,6 +22,18 @@ so on small data they are re-derived to mean the same per unit of training, and 
   same product on every set, was +1.2 / +0.4 on the instance annotators there but -8.1 / -4.0 on the first
   two reported weak seeds, inside a per-seed spread of 5 points (bench/results/accuracy_notes.md §10). Not in
   the paper.
+- `warmup_loss=vlm-net-soft` instead, for a *very weak* annotator, read from the annotation alone
+  (`annotator_skew`, `very_weak`): when the annotator's top class inside the set gives its rarest class less than
+  a third of a balanced share of the rows, the hard warm-up cannot teach that class, and the soft product with
+  the network's class-balanced prediction (PRODEN's target with the annotator as a prior) can; but only where
+  the annotator ranks its candidates (mean in-set margin at least 0.1): on a flat ranking the product is the
+  weak network's own guess. On the MNIST dev subset the share separates the annotators where `vlm-net-soft` won
+  every seed (+4.0 to +5.1; shares 0.11-0.28, margins 0.13-0.20) from those where it did not (shares 0.45 and
+  up); on the CIFAR-10 dev subset (margins 0.04-0.05) it lost (bench/results/accuracy_notes.md §20). With it,
+  `prior_penalty=1` (DivideMix's uniform-prior term on the mixed batch): +1.9 points on top on that dev annotator
+  (every seed). Both are one recipe, applied only when `--warmup-loss` is left to the preset; an explicit
+  `--prior-penalty` still wins. It assumes roughly balanced classes: a class truly that rare also triggers it.
+  Not in the paper.
 - `mix_views=weak`: the self-training (mixup) and contrastive views are crop + flip, not RandAugment + Cutout:
   on a short run the strong views keep the mixup loss high and the network below its own P labels' accuracy
   (bench/results/accuracy_notes.md §6). Not in the paper.
@@ -59,20 +71,58 @@ PAPER = {
     "arch": "preact_resnet18", "epochs": 800, "warmup_epochs": 50, "batch_size": 256, "lr_period": 800,
     "rampup_epochs": 16, "start_cont": 10, "gmm_history": 5, "proto_m": 0.999, "moco_m": 0.999,
     "queue_size": 8192, "division": "global", "epoch_steps": "p", "warmup_loss": "paper", "partner_scores": "net",
-    "mix_views": "strong", "mixup_alpha": 4.0, "ema_epochs": 0.0, "use_unlabeled": True,
+    "mix_views": "strong", "mixup_alpha": 4.0, "ema_epochs": 0.0, "use_unlabeled": True, "prior_penalty": 0.0,
 }  # fmt: skip
 PAPER_ROWS = 50_000  # CIFAR's training set: the paper's time constants are per epoch of this many rows
 PAPER_STEPS = 195  # ceil(50000 / 256) steps per epoch in the paper's setting
 STEPS_CPU, STEPS_GPU = 1_200, 40_000  # default run length in optimiser steps per network (see `default_values`)
+# a very weak annotator (see the module text): its in-set top gives the rarest class under this share of a balanced
+# split; chosen on the dev subset of bench/accuracy.py (accuracy_notes.md §20), between 0.28 and 0.45 there
+VERY_WEAK_SHARE = 1 / 3
+# ... and only where the annotator ranks its candidates: a mean in-set margin under this leaves vlm-net-soft's product
+# to the network's own guess (CIFAR-10 dev subset: margins 0.04-0.05, where it lost; MNIST dev: 0.13-0.20, where it won)
+RANKS_MARGIN = 0.1
+SKEW_MIN_ROWS = 30  # ranked rows per class on average below which a rare class cannot be told from chance
+
+
+def annotator_skew(candidates, vlm_probs) -> tuple[float, int, float] | None:
+    """Label-free, from the annotation: (share, class, margin). `class` is the class least often the annotator's
+    top class inside the candidate set and `share` its share of the rows times C (1 = a balanced split; 0.1 = a
+    tenth of one); `margin` is the mean gap between the first and second in-set probabilities, renormalised over
+    the set (how clearly the annotator ranks its candidates; a one-label set counts 1). Rows whose in-set top is
+    tied (a synthetic annotator's uniform sets: no ranking) are left out. None when fewer than SKEW_MIN_ROWS
+    ranked rows per class remain. `candidates` (N, C) bool, `vlm_probs` (N, C)."""
+    import numpy as np
+
+    cand = np.asarray(candidates, dtype=bool)
+    inset = np.where(cand, np.asarray(vlm_probs, dtype=np.float64), 0.0)
+    n_classes = inset.shape[1]
+    if len(inset) == 0 or n_classes < 2:
+        return None
+    inset = inset / np.clip(inset.sum(1, keepdims=True), 1e-12, None)  # the annotator's ranking inside the set
+    two = -np.partition(-inset, 1, axis=1)[:, :2]  # (N, 2) the two highest in-set scores (0 outside the set)
+    ranked = two[:, 0] > two[:, 1] * (1 + 1e-6) + 1e-12  # a clear top (a one-label set is always ranked)
+    if ranked.sum() < SKEW_MIN_ROWS * n_classes:
+        return None
+    counts = np.bincount(inset[ranked].argmax(1), minlength=n_classes)
+    c = int(counts.argmin())
+    margin = float((two[ranked, 0] - two[ranked, 1]).mean())
+    return float(counts[c] * n_classes / ranked.sum()), c, margin
+
+
+def very_weak(skew) -> bool:
+    """The default preset's warm-up rule (see the module text): `skew` = annotator_skew(...) or None."""
+    return skew is not None and skew[0] < VERY_WEAK_SHARE and skew[2] >= RANKS_MARGIN
 
 
 def unset(cfg) -> list[str]:
     return [k for k in PAPER if getattr(cfg, k) in (None, "")]
 
 
-def default_values(cfg, *, n_rows: int, gpu: bool) -> dict:
-    """The `default` preset for this run. Every value is a rule of the data size / device, never a number
-    tuned on a benchmark's test set: the rules translate the paper's constants to the run's length."""
+def default_values(cfg, *, n_rows: int, gpu: bool, skew: tuple | None = None) -> dict:
+    """The `default` preset for this run. Every value is a rule of the data size / device (and, for the
+    warm-up, of the annotation: `skew` = `annotator_skew(...)`), never a number tuned on a benchmark's test
+    set: the rules translate the paper's constants to the run's length."""
     out: dict = {"arch": "preact_resnet18" if gpu else "small_cnn"}  # small_cnn: 0.15M params, learns fast on 2 CPU cores
     b = cfg.batch_size
     if b is None:  # the paper's 256, halved until an epoch has at least 30 steps (so the GMM, prototypes and
@@ -98,6 +148,10 @@ def default_values(cfg, *, n_rows: int, gpu: bool) -> dict:
     # warm-up on the annotator's top class inside the set, ties shared by the network (accuracy_dev_warmup_net.md), and
     # weak self-training views: chosen on the dev subset of bench/accuracy.py (accuracy_dev*.md), never on a reported one
     out.update(division="class", epoch_steps="rows", warmup_loss="vlm-hard-net", partner_scores="net", mix_views="weak")
+    if cfg.method == "coreg" and very_weak(skew) and getattr(cfg, "warmup_loss", "") in (None, ""):
+        # a very weak annotator that ranks its candidates (notes §20), the warm-up left to the preset: its recipe,
+        # the soft warm-up and DivideMix's uniform prior penalty (both dev-chosen; a key absent here keeps PAPER's)
+        out.update(warmup_loss="vlm-net-soft", prior_penalty=1.0)
     # light mixup for Co-Reg (accuracy_dev_mixup.md: 0.5 over 4; accuracy_dev_u_mixup.md: 0.1 over 0.5, both on the
     # dev subset); dividemix and alim keep their papers' 4. And Co-Reg trains on P only (accuracy_dev_u_mixup.md)
     out["mixup_alpha"] = 0.1 if cfg.method == "coreg" else PAPER["mixup_alpha"]
@@ -105,14 +159,14 @@ def default_values(cfg, *, n_rows: int, gpu: bool) -> dict:
     return out
 
 
-def resolve(cfg, *, n_rows: int, gpu: bool):
+def resolve(cfg, *, n_rows: int, gpu: bool, skew: tuple | None = None):
     """(cfg with every unset option filled, {option: value} of what the preset filled)."""
     if cfg.preset not in PRESETS:
         raise CoregError(f"--preset {cfg.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
     todo = unset(cfg)
     if not todo:
         return cfg, {}
-    values = PAPER if cfg.preset == "paper" else default_values(cfg, n_rows=n_rows, gpu=gpu)
+    values = PAPER if cfg.preset == "paper" else default_values(cfg, n_rows=n_rows, gpu=gpu, skew=skew)
     filled = {k: values.get(k, PAPER[k]) for k in todo}  # an option the default does not derive keeps the paper's value
     return dataclasses.replace(cfg, **filled), filled
 

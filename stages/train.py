@@ -69,17 +69,36 @@ def _columns(ds, device):
     }
 
 
-def resolve_preset(cfg: TrainConfig, *, n_rows: int, quiet: bool = False) -> TrainConfig:
-    """Fill the options left unset from --preset (pipeline/presets.py) and say what was chosen."""
+def annotation_skew(train_ds) -> tuple[float, int, float] | None:
+    """pipeline.presets.annotator_skew of a train split (label-free: candidate sets and annotator probabilities)."""
+    import numpy as np
+
+    from pipeline.presets import annotator_skew
+    from pipeline.schema import candidate_matrix
+
+    cols = train_ds.select_columns(["candidates", "vlm_probs"]).to_dict()
+    probs = np.asarray(cols["vlm_probs"], dtype=np.float32)
+    return annotator_skew(candidate_matrix(cols["candidates"], probs.shape[1]), probs)
+
+
+def resolve_preset(cfg: TrainConfig, *, n_rows: int, quiet: bool = False, skew=None, classes=None) -> TrainConfig:
+    """Fill the options left unset from --preset (pipeline/presets.py) and say what was chosen. `skew`:
+    `annotation_skew` of the train split (the default preset's warm-up rule reads it)."""
     import torch
 
     from pipeline.presets import describe, resolve
 
     gpu = torch.cuda.is_available() and not cfg.cpu
-    cfg, filled = resolve(cfg, n_rows=n_rows, gpu=gpu)
+    cfg, filled = resolve(cfg, n_rows=n_rows, gpu=gpu, skew=skew)
     line = describe(cfg.preset, filled)
     if line and not quiet and int(os.environ.get("RANK", "0")) == 0:
         print(f"{line} ({n_rows} training images, {'GPU' if gpu else 'CPU'})", flush=True)
+        if filled.get("warmup_loss") == "vlm-net-soft":
+            name = classes[skew[1]] if classes else f"class {skew[1]}"
+            print(f"very weak annotator: its top class inside the set is {name!r} for only {skew[0]:.0%} of a balanced "
+                  f"share of the images (under a third) while it ranks its candidates (mean margin {skew[2]:.2f}), so the "
+                  f"warm-up is vlm-net-soft (the network's own prediction shares the targets) and the prior penalty "
+                  f"{cfg.prior_penalty:g}; both assume roughly balanced classes (--warmup-loss vlm-hard-net to override)", flush=True)
     return cfg
 
 
@@ -96,7 +115,7 @@ def run(cfg: TrainConfig) -> Path:
     n = len(dsd["train"])
     if n < 2:
         raise CoregError(f"{cfg.annotated}: the train split has {n} image(s); training needs at least two")
-    cfg = resolve_preset(cfg, n_rows=n)
+    cfg = resolve_preset(cfg, n_rows=n, skew=annotation_skew(dsd["train"]), classes=classes)
     check_options(cfg)
     if cfg.batch_size > n:
         raise CoregError(f"--batch-size {cfg.batch_size} is larger than the {n} training images; use --batch-size {max(1, n // 2)} or less")

@@ -63,3 +63,80 @@ def test_default_batch_fits_a_tiny_train_split():
     c, filled = resolve(TrainConfig(annotated="-", out="-"), n_rows=30, gpu=False)
     assert c.batch_size == filled["batch_size"] == 15
     assert resolve(TrainConfig(annotated="-", out="-"), n_rows=64, gpu=False)[0].batch_size == 32
+
+
+def _annotation(top_counts, *, n_classes=4, tie_rows=0, top=0.6):
+    """Candidate matrix and probabilities whose in-set top is class c on top_counts[c] rows (sets of two
+    labels, the top at `top`, the other label at `1 - top` of the pair), plus tie_rows rows whose two-label set
+    is tied."""
+    import numpy as np
+
+    cand, probs = [], []
+    for c, k in enumerate(top_counts):
+        other = (c + 1) % n_classes
+        for _ in range(k):
+            row = np.full(n_classes, 0.0)
+            row[c], row[other] = 0.8 * top, 0.8 * (1 - top)  # 0.2 outside the set: renormalised away
+            row[[j for j in range(n_classes) if j not in (c, other)]] = 0.2 / (n_classes - 2)
+            cand.append([j in (c, other) for j in range(n_classes)])
+            probs.append(row)
+    for _ in range(tie_rows):
+        cand.append([j in (0, 1) for j in range(n_classes)])
+        probs.append(np.full(n_classes, 1.0 / n_classes))
+    return np.array(cand), np.array(probs)
+
+
+def test_annotator_skew_is_the_rarest_in_set_top_class_share_without_labels():
+    from pipeline.presets import annotator_skew
+
+    share, c, margin = annotator_skew(*_annotation([100, 100, 100, 100]))
+    assert share == pytest.approx(1.0) and margin == pytest.approx(0.2)  # 0.6 - 0.4 inside every set
+    share, c, margin = annotator_skew(*_annotation([150, 150, 90, 10]))
+    assert c == 3 and share == pytest.approx(10 * 4 / 400)
+    # tied sets carry no ranking: left out, so they neither dilute nor fill a class's share nor the margin
+    assert annotator_skew(*_annotation([150, 150, 90, 10], tie_rows=500)) == pytest.approx((0.1, 3, 0.2))
+    assert annotator_skew(*_annotation([150, 150, 90, 10], top=0.52))[2] == pytest.approx(0.04)  # a flat ranking
+    assert annotator_skew(*_annotation([20, 20, 20, 20])) is None  # under 30 ranked rows per class: too few to tell
+    assert annotator_skew(*_annotation([0, 0, 0, 0], tie_rows=1000)) is None  # a synthetic annotator: nothing ranked
+
+
+def test_default_warmup_turns_soft_for_a_very_weak_annotator_that_ranks_only():
+    from pipeline.presets import RANKS_MARGIN, VERY_WEAK_SHARE
+
+    assert resolve(cfg(), n_rows=2000, gpu=False, skew=None)[0].warmup_loss == "vlm-hard-net"
+    assert resolve(cfg(), n_rows=2000, gpu=False, skew=(VERY_WEAK_SHARE + 0.01, 0, 0.2))[0].warmup_loss == "vlm-hard-net"
+    assert resolve(cfg(), n_rows=2000, gpu=False, skew=(0.1, 0, RANKS_MARGIN - 0.01))[0].warmup_loss == "vlm-hard-net"  # flat
+    assert resolve(cfg(), n_rows=2000, gpu=False, skew=(0.5, 0, 0.2))[0].prior_penalty == 0.0
+    c, filled = resolve(cfg(), n_rows=2000, gpu=False, skew=(0.1, 0, 0.2))
+    assert c.warmup_loss == filled["warmup_loss"] == "vlm-net-soft" and c.prior_penalty == filled["prior_penalty"] == 1.0
+    very = (0.1, 0, 0.2)
+    assert resolve(cfg(prior_penalty=0.0), n_rows=2000, gpu=False, skew=very)[0].prior_penalty == 0.0  # explicit wins
+    # an explicit warm-up turns the recipe off as a whole: no prior penalty either
+    c = resolve(cfg(warmup_loss="vlm-hard"), n_rows=2000, gpu=False, skew=very)[0]
+    assert c.warmup_loss == "vlm-hard" and c.prior_penalty == 0.0
+    p = resolve(cfg(preset="paper"), n_rows=2000, gpu=False, skew=very)[0]
+    assert p.warmup_loss == "paper" and p.prior_penalty == 0.0
+    d = resolve(cfg(method="dividemix"), n_rows=2000, gpu=False, skew=very)[0]
+    assert d.warmup_loss == "vlm-hard-net" and d.prior_penalty == 0.0  # coreg's rule
+
+
+def test_train_stage_reads_the_skew_from_the_annotation_and_says_why(capsys):
+    import datasets
+
+    from stages.train import annotation_skew, resolve_preset
+
+    def dataset(**kw):
+        cand, probs = _annotation([150, 150, 90, 10], **kw)
+        return datasets.Dataset.from_dict({"candidates": [list(map(int, r.nonzero()[0])) for r in cand], "vlm_probs": probs.tolist()})
+
+    ds = dataset()
+    skew = annotation_skew(ds)
+    assert skew == pytest.approx((0.1, 3, 0.2))
+    c = resolve_preset(cfg(cpu=True), n_rows=len(ds), skew=skew, classes=["a", "b", "c", "dog"])
+    out = capsys.readouterr().out
+    assert c.warmup_loss == "vlm-net-soft" and c.prior_penalty == 1.0
+    assert "'dog'" in out and "10%" in out and "prior penalty 1" in out and "--warmup-loss vlm-hard-net" in out
+    c = resolve_preset(cfg(cpu=True, warmup_loss="vlm-hard-net"), n_rows=len(ds), skew=skew, classes=["a", "b", "c", "dog"])
+    assert c.warmup_loss == "vlm-hard-net" and c.prior_penalty == 0.0 and "very weak" not in capsys.readouterr().out
+    flat = annotation_skew(dataset(top=0.52))
+    assert resolve_preset(cfg(cpu=True), n_rows=len(ds), skew=flat, classes=None).warmup_loss == "vlm-hard-net"
