@@ -72,8 +72,7 @@ def annotation_skew_of(ann: Path) -> tuple | None:
 def preset_fingerprint(args, method: str, ann: Path | None = None) -> dict | None:
     """What the default preset fills in for this run (None under --preset paper): part of a cached result's
     key, so a result trained under older preset rules is never mixed into a table made after they changed.
-    `ann` (the annotated dataset): the warm-up rule reads its annotator skew, unless the method sets
-    --warmup-loss itself."""
+    `ann` (the annotated dataset): the warm-up rule reads its annotator skew."""
     opts = train_options(args, method)
     if "--preset" in opts and opts[opts.index("--preset") + 1] == "paper":
         return None
@@ -81,8 +80,9 @@ def preset_fingerprint(args, method: str, ann: Path | None = None) -> dict | Non
 
     from pipeline.presets import default_values
 
-    skew = annotation_skew_of(ann) if ann is not None and opts[1] == "coreg" and "--warmup-loss" not in opts else None
-    cfg = SimpleNamespace(batch_size=args.batch_size, epochs=args.epochs, method=opts[1])  # opts = ["--method", NAME, ...]
+    skew = annotation_skew_of(ann) if ann is not None and opts[1] == "coreg" else None  # only coreg's preset reads it
+    warmup = opts[opts.index("--warmup-loss") + 1] if "--warmup-loss" in opts else ""  # given: the preset's rule is off
+    cfg = SimpleNamespace(batch_size=args.batch_size, epochs=args.epochs, method=opts[1], warmup_loss=warmup)  # opts = ["--method", NAME, ...]
     vals = default_values(cfg, n_rows=args.train_per_class * len(args.classes), gpu=args.device == "gpu", skew=skew)
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in sorted(vals.items())}
 

@@ -92,21 +92,22 @@ def annotator_skew(candidates, vlm_probs) -> tuple[float, int, float] | None:
     the set (how clearly the annotator ranks its candidates; a one-label set counts 1). Rows whose in-set top is
     tied (a synthetic annotator's uniform sets: no ranking) are left out. None when fewer than SKEW_MIN_ROWS
     ranked rows per class remain. `candidates` (N, C) bool, `vlm_probs` (N, C)."""
-    import numpy as np
+    import torch
 
-    cand = np.asarray(candidates, dtype=bool)
-    inset = np.where(cand, np.asarray(vlm_probs, dtype=np.float64), 0.0)
+    from pipeline.coreg.losses import ranked_targets, top_targets
+
+    # exactly the warm-up's targets: the annotator's ranking inside the set, and its top with vlm-hard's tie rule
+    inset = ranked_targets(torch.as_tensor(vlm_probs), torch.as_tensor(candidates, dtype=torch.bool)).double()
     n_classes = inset.shape[1]
     if len(inset) == 0 or n_classes < 2:
         return None
-    inset = inset / np.clip(inset.sum(1, keepdims=True), 1e-12, None)  # the annotator's ranking inside the set
-    two = -np.partition(-inset, 1, axis=1)[:, :2]  # (N, 2) the two highest in-set scores (0 outside the set)
-    ranked = two[:, 0] > two[:, 1] * (1 + 1e-6) + 1e-12  # a clear top (a one-label set is always ranked)
-    if ranked.sum() < SKEW_MIN_ROWS * n_classes:
+    ranked = top_targets(inset).amax(1) == 1  # a single top (a one-label set always has one)
+    if int(ranked.sum()) < SKEW_MIN_ROWS * n_classes:
         return None
-    counts = np.bincount(inset[ranked].argmax(1), minlength=n_classes)
+    two = inset[ranked].topk(2, dim=1).values  # (R, 2) the two highest in-set scores (0 outside the set)
+    counts = torch.bincount(inset[ranked].argmax(1), minlength=n_classes)
     c = int(counts.argmin())
-    margin = float((two[ranked, 0] - two[ranked, 1]).mean())
+    margin = float((two[:, 0] - two[:, 1]).mean())
     return float(counts[c] * n_classes / ranked.sum()), c, margin
 
 
@@ -148,7 +149,7 @@ def default_values(cfg, *, n_rows: int, gpu: bool, skew: tuple | None = None) ->
     # warm-up on the annotator's top class inside the set, ties shared by the network (accuracy_dev_warmup_net.md), and
     # weak self-training views: chosen on the dev subset of bench/accuracy.py (accuracy_dev*.md), never on a reported one
     out.update(division="class", epoch_steps="rows", warmup_loss="vlm-hard-net", partner_scores="net", mix_views="weak")
-    if cfg.method == "coreg" and very_weak(skew) and getattr(cfg, "warmup_loss", "") in (None, ""):
+    if cfg.method == "coreg" and very_weak(skew) and cfg.warmup_loss in (None, ""):
         # a very weak annotator that ranks its candidates (notes §20), the warm-up left to the preset: its recipe,
         # the soft warm-up and DivideMix's uniform prior penalty (both dev-chosen; a key absent here keeps PAPER's)
         out.update(warmup_loss="vlm-net-soft", prior_penalty=1.0)
