@@ -83,7 +83,7 @@ def preset_fingerprint(args, method: str, ann: Path | None = None) -> dict | Non
     skew = annotation_skew_of(ann) if ann is not None and opts[1] == "coreg" else None  # only coreg's preset reads it
     warmup = opts[opts.index("--warmup-loss") + 1] if "--warmup-loss" in opts else ""  # given: the preset's rule is off
     cfg = SimpleNamespace(batch_size=args.batch_size, epochs=args.epochs, method=opts[1], warmup_loss=warmup)  # opts = ["--method", NAME, ...]
-    vals = default_values(cfg, n_rows=args.train_per_class * len(args.classes), gpu=args.device == "gpu", skew=skew)
+    vals = default_values(cfg, n_rows=args.n_train, gpu=args.device == "gpu", skew=skew)
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in sorted(vals.items())}
 
 
@@ -149,6 +149,7 @@ def run_one(method: str, setting: str, seed: int, ann: Path, work: Path, args) -
     res = {
         "setting": setting, "seed": seed, "method": method, "test_acc": report["student_accuracy"],
         "test_acc_net1": last.get("test_acc_net1"), "zero_shot_test": report["zero_shot_accuracy"],
+        "test_bal_acc": report["student_balanced_accuracy"], "zero_shot_bal_test": report["zero_shot_balanced_accuracy"],
         "train_coverage": train_stats["coverage"], "train_mean_candidates": train_stats["mean_candidates"],
         "train_zero_shot": train_stats["zero_shot_accuracy"], "wall_s": wall, "options": options,
         "diag": diagnostics(model), "preset": preset, "subset": args.subset,
@@ -160,7 +161,7 @@ def run_one(method: str, setting: str, seed: int, ann: Path, work: Path, args) -
 
 
 def main() -> None:
-    from bench.accuracy_data import annotate, image_folder
+    from bench.accuracy_data import annotate, class_counts, image_folder
     from bench.accuracy_table import table
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -186,6 +187,9 @@ def main() -> None:
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="gpu: train on the GPU (e.g. --arch preact_resnet18 --jobs 1)")
     p.add_argument("--jobs", type=int, default=2, help="training runs side by side")
     p.add_argument("--no-hflip", dest="hflip", action="store_false", help="no horizontal flips (digits)")
+    p.add_argument("--imbalance", type=float, default=1.0, metavar="R",
+                   help="a long-tailed subset: class i keeps --train-per-class (and --test-per-class) x R^(-i/(C-1)) "
+                        "images, the last class R times fewer than the first (1 = balanced)")  # fmt: skip
     p.add_argument("--subset", choices=("report", "dev"), default="report",
                    help="dev: the held-out subset for choosing defaults (train and test from training images the "
                         "reported subset does not use); report: the subset the committed tables are measured on")  # fmt: skip
@@ -195,10 +199,14 @@ def main() -> None:
     p.add_argument("--table-only", action="store_true", help="write the table from the cached results; train nothing")
     args = p.parse_args()
 
+    if args.imbalance < 1:
+        raise SystemExit(f"--imbalance must be at least 1 (the head-to-tail ratio), got {args.imbalance:g}")
     work = Path(args.work)
     images, pool, classes = image_folder(Path(args.data), work, train=args.train_per_class, test=args.test_per_class,
-                                        pool=args.pool_per_class, subset=args.subset)  # fmt: skip
+                                        pool=args.pool_per_class, subset=args.subset, imbalance=args.imbalance)  # fmt: skip
     args.classes = classes
+    args.n_train = sum(class_counts(args.train_per_class, len(classes), args.imbalance))
+    args.n_test = sum(class_counts(args.test_per_class, len(classes), args.imbalance))
     args.reused = {}
     for f in args.reuse:
         for res in json.loads(Path(f).read_text()):

@@ -31,21 +31,36 @@ def cli(*args: str, threads: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- data
-def image_folder(data: Path, work: Path, *, train: int, test: int, pool: int, subset: str = "report") -> tuple[Path, Path, list[str]]:
+def class_counts(n: int, n_classes: int, imbalance: float = 1.0) -> list[int]:
+    """Images per class (in the sorted class order) for `n` per class at the head: a long tail whose i-th class
+    keeps n · imbalance^(−i/(C−1)) images, so the last class has `imbalance` times fewer than the first (the
+    profile of the CIFAR-10-LT benchmarks). imbalance 1 = balanced."""
+    if imbalance == 1.0 or n_classes < 2:
+        return [n] * n_classes
+    return [max(1, round(n * imbalance ** (-i / (n_classes - 1)))) for i in range(n_classes)]
+
+
+def image_folder(data: Path, work: Path, *, train: int, test: int, pool: int, subset: str = "report",
+                 imbalance: float = 1.0) -> tuple[Path, Path, list[str]]:  # fmt: skip
     """Symlinked subsets: work/images/{train,test}/<class>/ for the student, work/pool/<class>/ for the
     instance annotator. The subset is fixed (seed 1234), so every seed and method sees the same images.
     `subset="dev"` is the held-out set for choosing defaults: its train and test images are both drawn from the
     training images the reported subset leaves unused (the annotator's pool is the same), so nothing tuned
-    on it has seen a reported image."""
+    on it has seen a reported image. `imbalance` R > 1: the training and test images both follow the long tail
+    of `class_counts` (a user's folder and the images the student then meets share their class mix), each
+    class's images a prefix of its balanced subset's; the annotator's pool stays balanced (a VLM's knowledge
+    does not follow the user's folder)."""
     classes = sorted(p.name for p in (data / "train").iterdir() if p.is_dir())
+    keep = {"train": class_counts(train, len(classes), imbalance), "test": class_counts(test, len(classes), imbalance)}
     rng = np.random.default_rng(1234)
     images, pool_dir = work / "images", work / "pool"
-    stamp = f"train={train} test={test} pool={pool} data={data.resolve()}" + ("" if subset == "report" else f" subset={subset}")
+    stamp = (f"train={train} test={test} pool={pool} data={data.resolve()}" + ("" if subset == "report" else f" subset={subset}")
+             + ("" if imbalance == 1.0 else f" imbalance={imbalance:g}"))  # fmt: skip
     if (images / "done").exists() and (images / "done").read_text() not in ("", stamp):
         raise SystemExit(f"{work} holds another subset ({(images / 'done').read_text()}); use another --work")
     if not (images / "done").exists():
         for split, n in (("train", train), ("test", test)):
-            for c in classes:
+            for ci, c in enumerate(classes):
                 files = sorted((data / split / c).iterdir())
                 order = rng.permutation(len(files))  # drawn for both subsets: the same pool, the same stream
                 if split == "test" and subset == "dev":
@@ -54,9 +69,11 @@ def image_folder(data: Path, work: Path, *, train: int, test: int, pool: int, su
                     rest = order[train + pool :]
                     if len(rest) < train + test:
                         raise SystemExit(f"{data}/train/{c} has {len(files)} images; the dev subset needs {2 * train + pool + test}")
-                    picks = {"": rest[:train], "pool": order[train : train + pool], "dev-test": rest[train : train + test]}
+                    picks = {"": rest[: keep["train"][ci]], "pool": order[train : train + pool],
+                             "dev-test": rest[train : train + keep["test"][ci]]}  # fmt: skip
                 else:
-                    picks = {"": order[:n]} if split == "test" else {"": order[:n], "pool": order[n : n + pool]}
+                    k = keep[split][ci]
+                    picks = {"": order[:k]} if split == "test" else {"": order[:k], "pool": order[n : n + pool]}
                 for kind, idx in picks.items():
                     dst = {"pool": pool_dir / c, "dev-test": images / "test" / c}.get(kind, images / split / c)
                     dst.mkdir(parents=True, exist_ok=True)

@@ -28,11 +28,14 @@ def ratio(runs: list[dict], same_setting: list[dict]) -> list[float]:
 
 
 def table(results: list[dict], args, *, options: list[str], methods: tuple[str, ...]) -> str:
+    imbalance = getattr(args, "imbalance", 1.0)
+    balance = "class-balanced" if imbalance == 1.0 else (
+        f"long-tailed (`--imbalance {imbalance:g}`: class i keeps R^(−i/(C−1)) of the per-class count, in the sorted "
+        f"class order, in both the training and the test images; the annotator's pool stays balanced)")  # fmt: skip
     lines = [
         "# Accuracy benchmark (bench/accuracy.py)", "",
-        f"Images: a fixed class-balanced subset of {os.path.relpath(args.data, REPO)} with {len(args.classes)} classes: "
-        f"{args.train_per_class * len(args.classes)} training images, {args.test_per_class * len(args.classes)} "
-        f"test images; instance annotator pool: {args.pool_per_class * len(args.classes)} other training images, "
+        f"Images: a fixed {balance} subset of {os.path.relpath(args.data, REPO)} with {len(args.classes)} classes: "
+        f"{args.n_train} training images, {args.n_test} test images; instance annotator pool: {args.pool_per_class * len(args.classes)} other training images, "
         f"{args.shots} shots per class per prompt unless the setting says `shots=K`. Student `{args.arch}` at the images' own "
         f"size, trained from scratch by every method on the {args.device.upper()}. Baselines and `coreg_paper` "
         f"(`--preset paper`) run `{' '.join(o for o in options if o != '--cpu')}`; `coreg` runs the same student, "
@@ -72,8 +75,12 @@ def table(results: list[dict], args, *, options: list[str], methods: tuple[str, 
             f"({ms([r['train_zero_shot'] for r in first])} % on the training images); training candidate sets: "
             f"coverage (true label in the set) {ms([r['train_coverage'] for r in first])} %, "
             f"mean size {ms([r['train_mean_candidates'] for r in first], 1, 2)}.", "",
-            "| method | test accuracy (%) | net1 alone (%) | vs zero-shot (points) | gap closed (%) | classes predicted on test | seeds | training time ÷ ce's |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            *([f"Balanced accuracy (the mean of the per-class accuracies; the annotator's: "
+               f"{ms([r['zero_shot_bal_test'] for r in first if 'zero_shot_bal_test' in r])} %) beside the "
+               "accuracy on the long-tailed test images.", ""] if imbalance != 1.0 else []),
+            "| method | test accuracy (%) | " + ("balanced accuracy (%) | " if imbalance != 1.0 else "")
+            + "net1 alone (%) | vs zero-shot (points) | gap closed (%) | classes predicted on test | seeds | training time ÷ ce's |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if imbalance != 1.0 else ""),
         ]  # fmt: skip
         for method in [m for m in methods if any(r["method"] == m for r in rs)]:
             mr = [r for r in rs if r["method"] == method]
@@ -84,8 +91,9 @@ def table(results: list[dict], args, *, options: list[str], methods: tuple[str, 
             closed = [(r["test_acc"] - r["zero_shot_test"]) / (ceiling[r["seed"]] - r["zero_shot_test"])
                       for r in mr if ceiling.get(r["seed"], 0) > r["zero_shot_test"]]  # fmt: skip
             ncls = [r["diag"]["test_classes_predicted"] for r in mr if r.get("diag", {}).get("test_classes_predicted") is not None]
+            bal = f" {ms([r['test_bal_acc'] for r in mr if 'test_bal_acc' in r])} |" if imbalance != 1.0 else ""
             lines.append(
-                f"| {method} | {ms(acc)} | {ms(net1)} | {ms(gain)} | {ms(closed, 100, 0)} | {ms(ncls, 1, 1)} | {len(mr)} | {ms(ratio(mr, rs), 1, 1)} |"
+                f"| {method} | {ms(acc)} |{bal} {ms(net1)} | {ms(gain)} | {ms(closed, 100, 0)} | {ms(ncls, 1, 1)} | {len(mr)} | {ms(ratio(mr, rs), 1, 1)} |"
             )
         lines.append("")
         two = [m for m in methods if m.startswith(two_net) and any(r["method"] == m and r.get("diag") for r in rs)]

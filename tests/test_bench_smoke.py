@@ -109,6 +109,28 @@ def test_accuracy_dev_subset_is_disjoint(tmp_path):
     assert not dev["train"] & dev["test"]
 
 
+def test_accuracy_long_tailed_subset(tmp_path):
+    """`--imbalance R`: class i keeps n·R^(−i/(C−1)) training and test images, each a prefix of the balanced
+    subset's (the same images, fewer of them), and the annotator's pool is untouched."""
+    sys.path.insert(0, str(REPO))
+    from bench.accuracy_data import class_counts, image_folder
+
+    assert class_counts(200, 10, 10.0)[0] == 200 and class_counts(200, 10, 10.0)[-1] == 20
+    assert class_counts(200, 10, 1.0) == [200] * 10
+    assert class_counts(5, 3, 100.0) == [5, 1, 1]  # 0.5 and 0.05 images: never an empty class
+    make_image_folder(tmp_path / "d", classes=("a", "b", "c"), n_per_class=9, size=8, split=("train", "test"))
+    found = {}
+    for name, r in (("bal", 1.0), ("lt", 4.0)):
+        images, pool, _ = image_folder(tmp_path / "d", tmp_path / name, train=4, test=4, pool=3, imbalance=r)
+        found[name] = {(part, c): {p.resolve() for p in (root / c).glob("*.png")}
+                       for part, root in (("train", images / "train"), ("test", images / "test"), ("pool", pool))
+                       for c in ("a", "b", "c")}  # fmt: skip
+    for part in ("train", "test"):
+        assert [len(found["lt"][part, c]) for c in ("a", "b", "c")] == [4, 2, 1]
+        assert all(found["lt"][part, c] <= found["bal"][part, c] for c in ("a", "b", "c"))
+    assert all(found["lt"]["pool", c] == found["bal"]["pool", c] for c in ("a", "b", "c"))
+
+
 def test_annotation_probe(tmp_path):
     """bench/annotation_probe.py runs on a dataset in the stage contract, and its Dawid-Skene aggregation beats a
     majority vote where the labellers differ in quality (three votes: one right 90% of the time, two at 40%)."""
