@@ -98,7 +98,9 @@ def resolve_preset(cfg: TrainConfig, *, n_rows: int, quiet: bool = False, skew=N
             print(f"very weak annotator: its top class inside the set is {name!r} for only {skew[0]:.0%} of a balanced "
                   f"share of the images (under a third) while it ranks its candidates (mean margin {skew[2]:.2f}), so the "
                   f"warm-up is vlm-net-soft (the network's own prediction shares the targets) and the prior penalty "
-                  f"{cfg.prior_penalty:g}; both assume roughly balanced classes (--warmup-loss vlm-hard-net to override)", flush=True)
+                  f"{cfg.prior_penalty:g}; both pull towards equal class shares, so if {name!r} is truly that rare in your "
+                  f"images, --warmup-loss vlm-hard-net keeps more accuracy on the common classes (and may drop the rare one)",
+                  flush=True)  # fmt: skip
     return cfg
 
 
