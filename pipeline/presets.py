@@ -32,8 +32,9 @@ so on small data they are re-derived to mean the same per unit of training, and 
   up); on the CIFAR-10 dev subset (margins 0.04-0.05) it lost (bench/results/accuracy_notes.md §20). With it,
   `prior_penalty=1` (DivideMix's uniform-prior term on the mixed batch): +1.9 points on top on that dev annotator
   (every seed). Both are one recipe, applied only when `--warmup-loss` is left to the preset; an explicit
-  `--prior-penalty` still wins. It assumes roughly balanced classes: a class truly that rare also triggers it.
-  Not in the paper.
+  `--prior-penalty` still wins. A class truly that rare also triggers it (nothing in the annotation tells the
+  two apart, accuracy_notes.md §22); on a long-tailed folder it keeps every class but costs the common ones
+  5-10 points against `vlm-hard-net` (§23, held out). Not in the paper.
 - `mix_views=weak`: the self-training (mixup) and contrastive views are crop + flip, not RandAugment + Cutout:
   on a short run the strong views keep the mixup loss high and the network below its own P labels' accuracy
   (bench/results/accuracy_notes.md §6). Not in the paper.
