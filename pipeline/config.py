@@ -128,13 +128,14 @@ class TrainConfig:
     # ablations (paper Table 4)
     co_pseudo_labels: bool = _f(True, "False: each network labels itself ('w/o Co-PL')", from_warmup=True, panel=COREG)
     use_unlabeled: bool | None = _f(None, "True: train on U with the partner's co-pseudo-labels (paper) | False: discard U, each epoch trains on P only (the paper's 'w/o U' ablation); unset = preset (default: False)", from_warmup=True, panel=COREG)
-    u_confidence: float = _f(0.0, "with --use-unlabeled: train only on the U rows whose co-guess is confident, the two networks' mean prediction at the division pass (weak view, before alignment) at least this high; 0 = every U row (paper); a FixMatch-style threshold, not in the paper", range=(0, 1), from_warmup=True, only=("coreg",), panel=COREG)
+    u_confidence: float = _f(0.0, "with --use-unlabeled: train only on the U rows whose co-guess is confident, the two networks' mean prediction at the division pass (weak view, before alignment) at least this high; 0 = every U row (paper); a FixMatch-style threshold, not in the paper", range=(0, 1), only=("coreg",), panel=COREG)
     prototypes: bool = _f(True, "False: no prototype loss ('w/o proto')", from_warmup=True, panel=COREG)
     contrast: str = _f("noisy", "noisy (unconfident selection) | supcon ('w/ SupCont')", choices=("noisy", "supcon"), from_warmup=True, panel=COREG)
     predict_with: str = _f("ensemble", "ensemble (sum of both networks' logits) | net1 | net2", choices=("ensemble", "net1", "net2"), panel=MODEL)
     # not in the paper (off by default): a guard against class collapse on weak students
     prior_penalty: float | None = _f(None, "weight of DivideMix's prior penalty on the mixed batch (not in Co-Reg; 0 = off); unset = preset (paper 0; default 0, or 1 with the very weak annotator's vlm-net-soft warm-up, see --warmup-loss)", range=(0, None), from_warmup=True, panel=COREG)
     prior: str = _f("uniform", "the class prior of --prior-penalty and --align-targets: uniform (DivideMix) | annotator (the annotator's probabilities inside the sets, averaged over the training rows: no balance assumed; not in any paper)", choices=("uniform", "annotator"), from_warmup=True, panel=COREG)
+    class_floor: float = _f(0.0, "keep classes without assuming equal shares (not in any paper): the warm-up's class balancing (vlm-net, vlm-net-soft, vlm-hard-net's ties) and --prior-penalty only lift a class the network predicts for less than this fraction of a balanced share (a share of floor/C), instead of pulling every class to 1/C; 0 = off (equal shares)", range=(0, 1), only=("coreg",), panel=COREG)
     align_targets: bool = _f(False, "distribution alignment of the training targets to --prior: each network's own weak-view prediction (P and U rows) and the partner's U guess are scaled by prior / that network's mean prediction at the division pass, before sharpening (ReMixMatch-style; not in the paper)", from_warmup=True, panel=COREG)
     save_every: int = _f(1, "checkpoint every N epochs", range=(1, None), panel=SYSTEM)
     # --- baselines (pipeline/baselines/; each module's docstring cites its paper) ---

@@ -75,6 +75,17 @@ def top_targets(targets: Tensor) -> Tensor:
     return top.float() / top.sum(1, keepdim=True)
 
 
+def balanced_scores(q: Tensor, mean: Tensor, *, floor: float = 0.0) -> Tensor:
+    """q / p̄ (distribution alignment to equal shares): every class's score divided by the batch's mean
+    prediction p̄ (C,). `floor` > 0 (`--class-floor`, not in any paper): divided by min(p̄_j, floor/C) instead, so
+    only a class predicted below floor/C of the rows is lifted (towards that share, not to 1/C) and the rest keep
+    their ratios: a truly rare class above the floor is not pulled towards a balanced share."""
+    m = mean.clamp_min(1e-12)
+    if floor > 0:
+        m = m.clamp_max(floor / q.shape[1])
+    return q / m
+
+
 def disambiguated_targets(ranked: Tensor, probs: Tensor, *, hard: bool) -> Tensor:
     """(B, C) not in the paper (`--warmup-loss vlm-net[-soft]`): the annotator's ranking inside the set
     (`ranked`, zero outside it) times the network's own softmax `probs`, renormalised: a posterior with the
@@ -115,10 +126,16 @@ def self_training_loss(
     return {"l_x": l_x, "l_u": l_u, "loss": l_x + lambda_u * l_u}
 
 
-def prior_penalty(probs: Tensor, prior: Tensor | None = None) -> Tensor:
+def prior_penalty(probs: Tensor, prior: Tensor | None = None, *, floor: float = 0.0) -> Tensor:
     """Σ_j π_j log(π_j / p̄_j), p̄ the batch-mean prediction, π uniform (DivideMix Eq. 12) or a given (C,)
-    prior: keeps the mixed batch from collapsing onto a few classes."""
+    prior: keeps the mixed batch from collapsing onto a few classes. `floor` > 0 (`--class-floor`, not in any
+    paper; uniform π only): the same per-class term cut at a share of floor/C, (1/C) Σ_j max(0, log(floor /
+    (C p̄_j))): only a class the batch gives less than that share is pulled up, so a class that is truly rare but
+    above the floor is left alone (DivideMix's term pulls every class to 1/C)."""
     c = probs.shape[1]
+    if floor > 0 and prior is None:
+        mean = probs.float().mean(dim=0).clamp_min(1e-12)
+        return torch.log(floor / (c * mean)).clamp_min(0).sum() / c
     if prior is None:
         prior = torch.full((c,), 1.0 / c, device=probs.device)
     prior = prior.to(probs.device).float().clamp_min(1e-12)

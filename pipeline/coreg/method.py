@@ -129,7 +129,7 @@ class CoReg(TwoNetworks):
         for step, (glob, loc, _) in enumerate(ctx.progress(batches, total, f"warm-up {n}")):
             opt.zero_grad(set_to_none=True)
             out = warmup_step(ctx, net, idx=loc, n=glob.numel(), candidates=cand, keys=("warm", epoch, i, step), targets=targets, with_net=with_net,
-                              net_weight=min(1.0, (epoch + step / max(total, 1)) / max(self.cfg.warmup_epochs, 1)))
+                              class_floor=self.cfg.class_floor, net_weight=min(1.0, (epoch + step / max(total, 1)) / max(self.cfg.warmup_epochs, 1)))
             opt.step()
             self.update_average(n)
             add_terms(sums, out, ("loss", "partial_ce", "neg_entropy", "soft_ce"))
@@ -250,7 +250,7 @@ class CoReg(TwoNetworks):
             lambda_proto=cfg.lambda_proto, lambda_cont=cfg.lambda_cont,
             representation=epoch > cfg.warmup_epochs + cfg.start_cont,  # code-only delayed start (§3.7)
             co_pseudo_labels=cfg.co_pseudo_labels, prototypes=cfg.prototypes, contrast=cfg.contrast,
-            prior_penalty=cfg.prior_penalty, prior=self.prior, weak_mix=cfg.mix_views == "weak",
+            prior_penalty=cfg.prior_penalty, prior=self.prior, class_floor=cfg.class_floor, weak_mix=cfg.mix_views == "weak",
             align_self=a_self, align_partner=a_partner,
         )
 
@@ -267,6 +267,8 @@ def build(cfg, *, num_classes: int, make_net: Callable[[], nn.Module], num_rows:
         raise CoregError("--ema-teach needs a weight average to teach with: give --ema-epochs (e.g. 1)")
     if cfg.u_confidence > 0 and not cfg.use_unlabeled:
         raise CoregError("--u-confidence selects rows of U, but U is not trained on (the default preset trains on P only): add --use-unlabeled")
+    if cfg.class_floor and cfg.prior == "annotator":
+        raise CoregError("--class-floor cuts the uniform prior's pull; --prior annotator has no floor: drop one of them")
     if cfg.prior_penalty < 0:
         raise CoregError(f"--prior-penalty must be 0 (off) or positive, got {cfg.prior_penalty}")
     return CoReg(cfg, num_classes=num_classes, make_net=make_net, num_rows=num_rows)

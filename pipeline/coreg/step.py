@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.coreg.losses import (
+    balanced_scores,
     disambiguated_targets,
     noisy_contrastive_loss,
     prior_penalty,
@@ -52,6 +53,7 @@ class StepParams:
     contrast: str
     prior_penalty: float = 0.0  # not in the paper: DivideMix's prior penalty (anti-collapse), 0 = off
     prior: Tensor | None = None  # (C,) its class prior; None = uniform (DivideMix)
+    class_floor: float = 0.0  # --class-floor (not in any paper): the penalty only lifts classes under floor/C
     weak_mix: bool = False  # --mix-views weak (not in the paper): self-training and contrastive views are weak
     align_self: Tensor | None = None  # --align-targets (not in the paper): (C,) prior / own mean prediction
     align_partner: Tensor | None = None  # the same for the partner's U guess
@@ -150,7 +152,7 @@ def coreg_step(
     loss = terms["loss"]
     out = {"l_x": terms["l_x"].detach(), "l_u": terms["l_u"].detach()}
     if hp.prior_penalty > 0:  # over the global mixed batch, so every process adds the same term
-        pen = prior_penalty(ctx.dist.gather_grad(logits.softmax(dim=1)), prior=hp.prior)
+        pen = prior_penalty(ctx.dist.gather_grad(logits.softmax(dim=1)), prior=hp.prior, floor=hp.class_floor)
         loss = loss + hp.prior_penalty * pen
         out["prior"] = pen.detach()
 
@@ -204,7 +206,7 @@ def coreg_step(
 
 def warmup_step(
     ctx: Context, net: nn.Module, *, idx: Tensor, n: int, candidates: Tensor, keys: tuple, targets: Tensor | None = None,
-    with_net: str = "", net_weight: float = 1.0,
+    with_net: str = "", net_weight: float = 1.0, class_floor: float = 0.0,
 ) -> dict[str, Tensor]:
     """§3.1: partial cross-entropy + negative entropy on a strong view of every row. Returns the terms and
     the softmax outputs. (The code also writes these into its distribution-alignment buffer; here DA uses
@@ -230,7 +232,7 @@ def warmup_step(
         if with_net:
             q = F.softmax(logits.detach(), 1)  # (b, C)
             mean = ctx.dist.all_reduce_sum(q.sum(0)) / n  # (C,) the global batch's mean prediction
-            q = (q / mean.clamp_min(1e-12)) ** net_weight  # class-balanced (DA), ramped in
+            q = balanced_scores(q, mean, floor=class_floor) ** net_weight  # class-balanced (DA), ramped in
             t = disambiguated_targets(t, q, hard=with_net == "hard")
         terms = ranked_warmup_loss(logits, t)
         ctx.backward(terms["loss"])
