@@ -630,6 +630,36 @@ def test_annotator_prior_of_the_prior_penalty():
     assert float(prior_penalty(torch.full((4, 3), 1 / 3), prior=skewed)) > 0.05
 
 
+def test_class_floor_lifts_only_classes_under_the_floor(monkeypatch):
+    """--class-floor F (not in any paper): the penalty is zero for any batch whose classes all hold at least F/C
+    of it (a long tail included) and positive for a vanished class; the warm-up's balancing divides by
+    min(mean, F/C), so classes above the floor keep their ratios and one below it is lifted; the run reaches
+    the warm-up's scores through it; with --prior annotator it is refused."""
+    import pipeline.coreg.step as step_mod
+    from pipeline.coreg.losses import balanced_scores, prior_penalty
+    from pipeline.errors import CoregError
+
+    tail = torch.tensor([0.5, 0.3, 0.15, 0.05]).expand(6, 4)  # truly rare last class at 0.2 of a balanced share
+    assert float(prior_penalty(tail)) > 0.1  # DivideMix's term pulls it to 1/C ...
+    assert float(prior_penalty(tail, floor=0.2)) == pytest.approx(0.0, abs=1e-7)  # ... the floor leaves it
+    gone = torch.tensor([0.55, 0.3, 0.15, 0.0]).expand(6, 4)
+    assert float(prior_penalty(gone, floor=0.2)) > 1.0  # a vanished class is still pulled back
+    assert float(prior_penalty(tail, floor=0.4)) == pytest.approx(0.25 * math.log(0.1 / 0.05), rel=1e-5)
+    q = torch.softmax(torch.randn(5, 4), 1)
+    mean = tail[0]
+    assert torch.allclose(balanced_scores(q, mean), q / mean)  # 0: full balancing
+    b = balanced_scores(q, mean, floor=0.4)  # floor share 0.1: only the last class (0.05) is lifted, by 2x
+    r = b / q
+    assert torch.allclose(r[:, :3], torch.full((5, 3), 10.0)) and torch.allclose(r[:, 3], torch.full((5,), 20.0))
+    calls = []
+    real = step_mod.balanced_scores
+    monkeypatch.setattr(step_mod, "balanced_scores", lambda q, m, floor=0.0: calls.append(floor) or real(q, m, floor=floor))
+    _, (w, r1) = run(make_cfg(warmup_loss="vlm-net-soft", class_floor=0.5, prior_penalty=1.0), make_ctx(), [0, 1])
+    assert calls and set(calls) == {0.5} and all_finite(w) and all_finite(r1) and r1["net1/prior"] >= 0
+    with pytest.raises(CoregError, match="--class-floor"):
+        make_method(make_cfg(class_floor=0.5, prior_penalty=1.0, prior="annotator"))
+
+
 def test_align_of_a_guess():
     """DA of a guess: scaled by prior / mean prediction and renormalised; a network whose mean already is the
     prior keeps its guesses; an under-predicted class is raised."""
