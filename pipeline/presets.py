@@ -123,7 +123,8 @@ def unset(cfg) -> list[str]:
 
 def default_values(cfg, *, n_rows: int, gpu: bool, skew: tuple | None = None) -> dict:
     """The `default` preset for this run. Every value is a rule of the data size / device (and, for the
-    warm-up, of the annotation: `skew` = `annotator_skew(...)`), never a number tuned on a benchmark's test
+    warm-up, of the annotation: `skew` = `annotator_skew(...)`, or a function returning it, called only when
+    Co-Reg's warm-up is left to the preset, since it reads the whole annotation), never a number tuned on a benchmark's test
     set: the rules translate the paper's constants to the run's length."""
     out: dict = {"arch": "preact_resnet18" if gpu else "small_cnn"}  # small_cnn: 0.15M params, learns fast on 2 CPU cores
     b = cfg.batch_size
@@ -150,7 +151,7 @@ def default_values(cfg, *, n_rows: int, gpu: bool, skew: tuple | None = None) ->
     # warm-up on the annotator's top class inside the set, ties shared by the network (accuracy_dev_warmup_net.md), and
     # weak self-training views: chosen on the dev subset of bench/accuracy.py (accuracy_dev*.md), never on a reported one
     out.update(division="class", epoch_steps="rows", warmup_loss="vlm-hard-net", partner_scores="net", mix_views="weak")
-    if cfg.method == "coreg" and very_weak(skew) and cfg.warmup_loss in (None, ""):
+    if cfg.method == "coreg" and cfg.warmup_loss in (None, "") and very_weak(skew() if callable(skew) else skew):
         # a very weak annotator that ranks its candidates (notes §20), the warm-up left to the preset: its recipe,
         # the soft warm-up and DivideMix's uniform prior penalty (both dev-chosen; a key absent here keeps PAPER's)
         out.update(warmup_loss="vlm-net-soft", prior_penalty=1.0)

@@ -12,6 +12,7 @@ a usable model), metrics.jsonl (one object per epoch) and checkpoint.pt (for --r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -83,7 +84,8 @@ def annotation_skew(train_ds) -> tuple[float, int, float] | None:
 
 def resolve_preset(cfg: TrainConfig, *, n_rows: int, quiet: bool = False, skew=None, classes=None) -> TrainConfig:
     """Fill the options left unset from --preset (pipeline/presets.py) and say what was chosen. `skew`:
-    `annotation_skew` of the train split (the default preset's warm-up rule reads it)."""
+    `annotation_skew` of the train split, or a cached function returning it (the default preset's warm-up rule
+    reads it, only for Co-Reg with the warm-up left to the preset)."""
     import torch
 
     from pipeline.presets import describe, resolve
@@ -94,6 +96,7 @@ def resolve_preset(cfg: TrainConfig, *, n_rows: int, quiet: bool = False, skew=N
     if line and not quiet and int(os.environ.get("RANK", "0")) == 0:
         print(f"{line} ({n_rows} training images, {'GPU' if gpu else 'CPU'})", flush=True)
         if filled.get("warmup_loss") == "vlm-net-soft":
+            skew = skew() if callable(skew) else skew  # computed (and cached) by the preset's rule already
             name = classes[skew[1]] if classes else f"class {skew[1]}"
             print(f"very weak annotator: its top class inside the set is {name!r} for only {skew[0]:.0%} of a balanced "
                   f"share of the images (under a third) while it ranks its candidates (mean margin {skew[2]:.2f}), so the "
@@ -117,7 +120,8 @@ def run(cfg: TrainConfig) -> Path:
     n = len(dsd["train"])
     if n < 2:
         raise CoregError(f"{cfg.annotated}: the train split has {n} image(s); training needs at least two")
-    cfg = resolve_preset(cfg, n_rows=n, skew=annotation_skew(dsd["train"]), classes=classes)
+    # lazy: the skew reads every row's probabilities, and only Co-Reg's preset warm-up rule needs it
+    cfg = resolve_preset(cfg, n_rows=n, skew=functools.cache(lambda: annotation_skew(dsd["train"])), classes=classes)
     check_options(cfg)
     if cfg.batch_size > n:
         raise CoregError(f"--batch-size {cfg.batch_size} is larger than the {n} training images; use --batch-size {max(1, n // 2)} or less")

@@ -140,3 +140,22 @@ def test_train_stage_reads_the_skew_from_the_annotation_and_says_why(capsys):
     assert c.warmup_loss == "vlm-hard-net" and c.prior_penalty == 0.0 and "very weak" not in capsys.readouterr().out
     flat = annotation_skew(dataset(top=0.52))
     assert resolve_preset(cfg(cpu=True), n_rows=len(ds), skew=flat, classes=None).warmup_loss == "vlm-hard-net"
+
+
+def test_the_skew_is_read_only_when_coregs_warm_up_is_left_to_the_preset(capsys):
+    """The skew reads the whole annotation (0.6 s at 50k x 100): `coreg train` passes it as a function, called
+    only by Co-Reg's default preset with the warm-up unset, never for a baseline, the paper preset or an explicit
+    warm-up; when it is called it decides exactly as the value would, and the terminal line still names the class."""
+    from stages.train import resolve_preset
+
+    calls = []
+
+    def skew():
+        calls.append(1)
+        return (0.1, 3, 0.2)
+
+    for c in (cfg(cpu=True, method="ce"), cfg(cpu=True, preset="paper"), cfg(cpu=True, warmup_loss="vlm-hard-net")):
+        resolve_preset(c, n_rows=2000, skew=skew, classes=["a", "b", "c", "dog"])
+    assert calls == []
+    c = resolve_preset(cfg(cpu=True), n_rows=2000, skew=skew, classes=["a", "b", "c", "dog"])
+    assert calls and c.warmup_loss == "vlm-net-soft" and c.prior_penalty == 1.0 and "'dog'" in capsys.readouterr().out
