@@ -61,12 +61,12 @@ def result_changing(old: dict, new: dict, start: int) -> list[str]:
     import dataclasses
 
     from pipeline.config import TrainConfig
-    from pipeline.coreg.method import WITH_NET
+    from pipeline.coreg.method import WITH_NET, warmup_losses
 
     meta = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}
     method = old.get("method")
     warm = method == new.get("method") == "coreg" and start <= min(old.get("warmup_epochs", 0), new.get("warmup_epochs", 0))
-    ramped = old.get("warmup_loss") in WITH_NET  # the warm-up steps themselves read --warmup-epochs (the net's ramp)
+    ramped = any(w in WITH_NET for w in warmup_losses(old.get("warmup_loss") or ""))  # the warm-up steps themselves read --warmup-epochs (the net's ramp)
     diff = []
     for k in sorted(set(old) | set(new)):
         if k in RESUME_FREE or old.get(k) == new.get(k):

@@ -52,6 +52,14 @@ from pipeline.two_networks import NETS, TwoNetworks, cycle
 # Warm-up losses that use the network's own prediction, with a weight ramped over --warmup-epochs: every warm-up
 # step reads --warmup-epochs, so a resume may not change it under these (pipeline/checkpoint.py)
 WITH_NET = {"vlm-net": "hard", "vlm-net-soft": "soft", "vlm-hard-net": "soft"}
+WARMUP_LOSSES = ("paper", "vlm", "vlm-sharp", "vlm-hard", "vlm-hard-net", "vlm-net", "vlm-net-soft")
+
+
+def warmup_losses(value: str) -> tuple[str, str]:
+    """--warmup-loss as (net1's, net2's): `A` for both, or `A,B` (not in the paper: two warm-ups, so the two
+    networks start self-training from different views of the annotation)."""
+    parts = value.split(",")
+    return (parts[0], parts[-1])
 
 
 class CoReg(TwoNetworks):
@@ -112,20 +120,21 @@ class CoReg(TwoNetworks):
         rows = torch.arange(ctx.n, device=ctx.device)
         # --warmup-loss vlm (not in the paper) trains like the kd baseline: batch B on weak views, so at the
         # switch the network has had as many steps as `kd` on the same epochs; paper: batch 2B, strong views
-        ranked = self.cfg.warmup_loss in ("vlm", "vlm-sharp", "vlm-hard", "vlm-hard-net", "vlm-net", "vlm-net-soft")
+        loss = warmup_losses(self.cfg.warmup_loss)[i]  # `A,B` (not in the paper): net1 warms up with A, net2 with B
+        ranked = loss in ("vlm", "vlm-sharp", "vlm-hard", "vlm-hard-net", "vlm-net", "vlm-net-soft")
         bs = self.cfg.batch_size if ranked else 2 * self.cfg.batch_size
         total = steps_per_epoch(ctx.n, batch_size=bs, world=ctx.dist.world)
         sums: dict[str, Tensor] = {}  # loss terms summed on the device, read once after the epoch
         counts = torch.zeros(self.C, device=ctx.device)  # argmax per class over this epoch's (strong) views
         batches = iterate_batches(rows, batch_size=bs, generator=ctx.rng("warm-order", epoch, i), dist=ctx.dist)
         targets = ranked_targets(ctx.vlm_probs, cand) if ranked else None  # (N, C) the annotator's ranking inside the set
-        if self.cfg.warmup_loss == "vlm-sharp":  # sharpened with the method's own T (§3.3), as every Co-Reg target
+        if loss == "vlm-sharp":  # sharpened with the method's own T (§3.3), as every Co-Reg target
             targets = sharpen(targets, T=self.cfg.sharpen_t)
-        elif self.cfg.warmup_loss in ("vlm-hard", "vlm-hard-net"):  # the annotator's top class inside the set
+        elif loss in ("vlm-hard", "vlm-hard-net"):  # the annotator's top class inside the set
             targets = top_targets(targets)
         # vlm-net[-soft] (not in the paper): the annotator's ranking times the network's own prediction, per batch;
         # vlm-hard-net: vlm-hard's one-hot targets stay exactly one-hot (x / x = 1), a tied top is shared by the network
-        with_net = WITH_NET.get(self.cfg.warmup_loss, "")
+        with_net = WITH_NET.get(loss, "")
         for step, (glob, loc, _) in enumerate(ctx.progress(batches, total, f"warm-up {n}")):
             opt.zero_grad(set_to_none=True)
             out = warmup_step(ctx, net, idx=loc, n=glob.numel(), candidates=cand, keys=("warm", epoch, i, step), targets=targets, with_net=with_net,
@@ -260,9 +269,13 @@ def build(cfg, *, num_classes: int, make_net: Callable[[], nn.Module], num_rows:
 
     if cfg.contrast not in ("noisy", "supcon"):
         raise CoregError(f"--contrast {cfg.contrast!r} is unknown; choose noisy or supcon")
-    for name, allowed in (("division", ("global", "class")), ("epoch_steps", ("p", "all", "rows")), ("warmup_loss", ("paper", "vlm", "vlm-sharp", "vlm-hard", "vlm-hard-net", "vlm-net", "vlm-net-soft")), ("partner_scores", ("net", "vlm")), ("mix_views", ("strong", "weak"))):
+    for name, allowed in (("division", ("global", "class")), ("epoch_steps", ("p", "all", "rows")), ("partner_scores", ("net", "vlm")), ("mix_views", ("strong", "weak"))):
         if getattr(cfg, name) not in allowed:
             raise CoregError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is unknown; choose {' or '.join(allowed)}")
+    parts = cfg.warmup_loss.split(",")
+    if len(parts) > 2 or any(p not in WARMUP_LOSSES for p in parts):
+        raise CoregError(f"--warmup-loss {cfg.warmup_loss!r} is unknown; choose one of {', '.join(WARMUP_LOSSES)}, "
+                         "or two of them as A,B (net1 warms up with A, net2 with B)")
     if cfg.ema_teach and not cfg.ema_epochs:
         raise CoregError("--ema-teach needs a weight average to teach with: give --ema-epochs (e.g. 1)")
     if cfg.u_confidence > 0 and not cfg.use_unlabeled:
