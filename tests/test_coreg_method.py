@@ -601,6 +601,27 @@ def test_disambiguating_warmup_trains_on_targets_inside_the_set(monkeypatch, los
         assert torch.equal(seen[-1].amax(1), torch.ones(len(seen[-1])))
 
 
+def test_warmup_loss_pair_warms_each_network_with_its_own_loss(monkeypatch):
+    """--warmup-loss A,B (not in the paper): net1 trains on A's targets, net2 on B's: here vlm-net-soft (soft,
+    the network's product) and vlm-hard (one-hot on the annotator's in-set top); a bad pair is refused."""
+    import pipeline.coreg.step as step_mod
+    from pipeline.errors import CoregError
+
+    seen = []
+    real = step_mod.ranked_warmup_loss
+    monkeypatch.setattr(step_mod, "ranked_warmup_loss", lambda logits, t: seen.append(t) or real(logits, t))
+    ctx = make_ctx()
+    m, (w,) = run(make_cfg(warmup_loss="vlm-net-soft,vlm-hard"), ctx, range(1))
+    assert all_finite(w) and len(seen) % 2 == 0
+    first, second = torch.cat(seen[: len(seen) // 2]), torch.cat(seen[len(seen) // 2 :])  # net1's epoch, then net2's
+    top = second.amax(1, keepdim=True)
+    assert torch.allclose(second[second > 0], top.expand_as(second)[second > 0])  # vlm-hard: flat over its (tied) top
+    assert not torch.allclose(first[first > 0], first.amax(1, keepdim=True).expand_as(first)[first > 0])  # soft
+    for bad in ("vlm,foo", "vlm,vlm,vlm"):
+        with pytest.raises(CoregError, match="--warmup-loss"):
+            make_method(make_cfg(warmup_loss=bad))
+
+
 @pytest.mark.parametrize("views", ["strong", "weak"])
 def test_mix_views_option_picks_the_augmentation_of_the_self_training_views(monkeypatch, views):
     """--mix-views weak (not in the paper): the mixup and contrastive views are weak, so no strong
