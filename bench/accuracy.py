@@ -31,6 +31,20 @@ METHODS = ("coreg", "coreg_paper", "ce", "kd", "proden", "cc", "cr_dpll", "pico"
 DEFAULT_SETTINGS = ("clean", "instance", "synthetic:q=0.03,eta=0.1", "synthetic:q=0.03,eta=0.3")
 
 
+def split_methods(text: str) -> list[str]:
+    """--methods: comma-separated; a comma inside a method's options (`coreg~--warmup-loss A,B`) stays with it,
+    since each method starts with a known name."""
+    out: list[str] = []
+    for part in text.split(","):
+        if not part:
+            continue
+        if out and part.split("~")[0] not in METHODS:
+            out[-1] += "," + part
+        else:
+            out.append(part)
+    return out
+
+
 def train_options(args, method: str = "ce") -> list[str]:
     """The options of one benchmark method. `METHOD~OPTS` adds coreg train options (ablations), e.g.
     `coreg~--division global`. Every method shares the student, epochs, batch, lr and schedule shape;
@@ -212,7 +226,7 @@ def main() -> None:
         for res in json.loads(Path(f).read_text()):
             args.reused.setdefault(f"{res['setting']}|{res['seed']}|{res['method']}", []).append(res)
     seeds = [int(s) for s in args.seeds.split(",")]
-    methods = [m for m in args.methods.split(",") if m]
+    methods = split_methods(args.methods)
     tasks = []
     for setting in [s for s in args.settings.split(";") if s]:
         for seed in seeds:

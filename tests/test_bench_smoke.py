@@ -91,6 +91,13 @@ def test_accuracy(data):
     assert "test acc" not in out and "| coreg |" in text and "earlier default-preset rules" in text
 
 
+def test_accuracy_methods_keep_a_comma_inside_options():
+    from bench.accuracy import split_methods
+
+    assert split_methods("coreg,coreg~--warmup-loss vlm-net-soft,vlm-hard-net --prior-penalty 1,ce,") == [
+        "coreg", "coreg~--warmup-loss vlm-net-soft,vlm-hard-net --prior-penalty 1", "ce"]  # fmt: skip
+
+
 def test_accuracy_dev_subset_is_disjoint(tmp_path):
     """`--subset dev` (for choosing defaults) never shows a reported image: its train and test images come
     from training images the reported subset leaves unused, and the annotator's pool is the same."""
