@@ -128,7 +128,7 @@ class TrainConfig:
     # ablations (paper Table 4)
     co_pseudo_labels: bool = _f(True, "False: each network labels itself ('w/o Co-PL')", from_warmup=True, panel=COREG)
     use_unlabeled: bool | None = _f(None, "True: train on U with the partner's co-pseudo-labels (paper) | False: discard U, each epoch trains on P only (the paper's 'w/o U' ablation); unset = preset (default: False)", from_warmup=True, panel=COREG)
-    u_confidence: float = _f(0.0, "with --use-unlabeled: train only on the U rows whose co-guess is confident, the two networks' mean prediction at the division pass (weak view, before alignment) at least this high; 0 = every U row (paper); a FixMatch-style threshold, not in the paper", range=(0, 1), only=("coreg",), panel=COREG)
+    u_confidence: float = _f(0.0, "with --use-unlabeled: train only on the U rows whose co-guess is confident, the two networks' mean prediction at the division pass (weak view, before alignment) at least this high; 0 = every U row (paper); a FixMatch-style threshold, not in the paper", range=(0, 1), from_warmup=True, only=("coreg",), panel=COREG)
     prototypes: bool = _f(True, "False: no prototype loss ('w/o proto')", from_warmup=True, panel=COREG)
     contrast: str = _f("noisy", "noisy (unconfident selection) | supcon ('w/ SupCont')", choices=("noisy", "supcon"), from_warmup=True, panel=COREG)
     predict_with: str = _f("ensemble", "ensemble (sum of both networks' logits) | net1 | net2", choices=("ensemble", "net1", "net2"), panel=MODEL)
