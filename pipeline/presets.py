@@ -34,7 +34,9 @@ so on small data they are re-derived to mean the same per unit of training, and 
   (every seed). Both are one recipe, applied only when `--warmup-loss` is left to the preset; an explicit
   `--prior-penalty` still wins. A class truly that rare also triggers it (nothing in the annotation tells the
   two apart, accuracy_notes.md §22); on a long-tailed folder it keeps every class but costs the common ones
-  5-10 points against `vlm-hard-net` (§23, held out). Not in the paper.
+  5-10 points against `vlm-hard-net` at 625 steps (§23, held out), 1.8-4.5 at a user's default 1,222 steps, where
+  it beats the annotator and every baseline (§25). Class-keeping terms that assume no equal shares lost on the
+  dev subsets (§24). Not in the paper.
 - `mix_views=weak`: the self-training (mixup) and contrastive views are crop + flip, not RandAugment + Cutout:
   on a short run the strong views keep the mixup loss high and the network below its own P labels' accuracy
   (bench/results/accuracy_notes.md §6). Not in the paper.
