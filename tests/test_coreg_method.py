@@ -663,6 +663,8 @@ def test_class_floor_lifts_only_classes_under_the_floor(monkeypatch):
     tail = torch.tensor([0.5, 0.3, 0.15, 0.05]).expand(6, 4)  # truly rare last class at 0.2 of a balanced share
     assert float(prior_penalty(tail)) > 0.1  # DivideMix's term pulls it to 1/C ...
     assert float(prior_penalty(tail, floor=0.2)) == pytest.approx(0.0, abs=1e-7)  # ... the floor leaves it
+    uniform = torch.full((4,), 0.25)  # --align-targets sets this prior tensor: the floor still applies
+    assert float(prior_penalty(tail, prior=uniform, floor=0.2)) == pytest.approx(0.0, abs=1e-7)
     gone = torch.tensor([0.55, 0.3, 0.15, 0.0]).expand(6, 4)
     assert float(prior_penalty(gone, floor=0.2)) > 1.0  # a vanished class is still pulled back
     assert float(prior_penalty(tail, floor=0.4)) == pytest.approx(0.25 * math.log(0.1 / 0.05), rel=1e-5)

@@ -129,11 +129,12 @@ def self_training_loss(
 def prior_penalty(probs: Tensor, prior: Tensor | None = None, *, floor: float = 0.0) -> Tensor:
     """Σ_j π_j log(π_j / p̄_j), p̄ the batch-mean prediction, π uniform (DivideMix Eq. 12) or a given (C,)
     prior: keeps the mixed batch from collapsing onto a few classes. `floor` > 0 (`--class-floor`, not in any
-    paper; uniform π only): the same per-class term cut at a share of floor/C, (1/C) Σ_j max(0, log(floor /
-    (C p̄_j))): only a class the batch gives less than that share is pulled up, so a class that is truly rare but
-    above the floor is left alone (DivideMix's term pulls every class to 1/C)."""
+    paper): the uniform term cut at a share of floor/C, (1/C) Σ_j max(0, log(floor / (C p̄_j))): only a class the
+    batch gives less than that share is pulled up, so a class that is truly rare but above the floor is left
+    alone (DivideMix's term pulls every class to 1/C). The floor is relative to equal shares, so it replaces
+    `prior` (the uniform tensor `--align-targets` sets; build() refuses it with `--prior annotator`)."""
     c = probs.shape[1]
-    if floor > 0 and prior is None:
+    if floor > 0:
         mean = probs.float().mean(dim=0).clamp_min(1e-12)
         return torch.log(floor / (c * mean)).clamp_min(0).sum() / c
     if prior is None:
