@@ -121,7 +121,7 @@ class CoReg(TwoNetworks):
         # --warmup-loss vlm (not in the paper) trains like the kd baseline: batch B on weak views, so at the
         # switch the network has had as many steps as `kd` on the same epochs; paper: batch 2B, strong views
         loss = warmup_losses(self.cfg.warmup_loss)[i]  # `A,B` (not in the paper): net1 warms up with A, net2 with B
-        ranked = loss in ("vlm", "vlm-sharp", "vlm-hard", "vlm-hard-net", "vlm-net", "vlm-net-soft")
+        ranked = loss != "paper"  # every other WARMUP_LOSSES entry trains on the annotator's ranking (build() validates)
         bs = self.cfg.batch_size if ranked else 2 * self.cfg.batch_size
         total = steps_per_epoch(ctx.n, batch_size=bs, world=ctx.dist.world)
         sums: dict[str, Tensor] = {}  # loss terms summed on the device, read once after the epoch
