@@ -114,6 +114,11 @@ def annotator_skew(candidates, vlm_probs) -> tuple[float, int, float] | None:
     return float(counts[c] * n_classes / ranked.sum()), c, margin
 
 
+def skew_value(skew):
+    """`skew` as given to default_values: the value itself, or a (cached) function computing it."""
+    return skew() if callable(skew) else skew
+
+
 def very_weak(skew) -> bool:
     """The default preset's warm-up rule (see the module text): `skew` = annotator_skew(...) or None."""
     return skew is not None and skew[0] < VERY_WEAK_SHARE and skew[2] >= RANKS_MARGIN
@@ -153,7 +158,7 @@ def default_values(cfg, *, n_rows: int, gpu: bool, skew: tuple | None = None) ->
     # warm-up on the annotator's top class inside the set, ties shared by the network (accuracy_dev_warmup_net.md), and
     # weak self-training views: chosen on the dev subset of bench/accuracy.py (accuracy_dev*.md), never on a reported one
     out.update(division="class", epoch_steps="rows", warmup_loss="vlm-hard-net", partner_scores="net", mix_views="weak")
-    if cfg.method == "coreg" and cfg.warmup_loss in (None, "") and very_weak(skew() if callable(skew) else skew):
+    if cfg.method == "coreg" and cfg.warmup_loss in (None, "") and very_weak(skew_value(skew)):
         # a very weak annotator that ranks its candidates (notes §20), the warm-up left to the preset: its recipe,
         # the soft warm-up and DivideMix's uniform prior penalty (both dev-chosen; a key absent here keeps PAPER's)
         out.update(warmup_loss="vlm-net-soft", prior_penalty=1.0)

@@ -88,7 +88,7 @@ def resolve_preset(cfg: TrainConfig, *, n_rows: int, quiet: bool = False, skew=N
     reads it, only for Co-Reg with the warm-up left to the preset)."""
     import torch
 
-    from pipeline.presets import describe, resolve
+    from pipeline.presets import describe, resolve, skew_value
 
     gpu = torch.cuda.is_available() and not cfg.cpu
     cfg, filled = resolve(cfg, n_rows=n_rows, gpu=gpu, skew=skew)
@@ -96,7 +96,7 @@ def resolve_preset(cfg: TrainConfig, *, n_rows: int, quiet: bool = False, skew=N
     if line and not quiet and int(os.environ.get("RANK", "0")) == 0:
         print(f"{line} ({n_rows} training images, {'GPU' if gpu else 'CPU'})", flush=True)
         if filled.get("warmup_loss") == "vlm-net-soft":
-            skew = skew() if callable(skew) else skew  # computed (and cached) by the preset's rule already
+            skew = skew_value(skew)  # computed (and cached) by the preset's rule already
             name = classes[skew[1]] if classes else f"class {skew[1]}"
             print(f"very weak annotator: its top class inside the set is {name!r} for only {skew[0]:.0%} of a balanced "
                   f"share of the images (under a third) while it ranks its candidates (mean margin {skew[2]:.2f}), so the "
