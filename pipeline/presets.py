@@ -128,7 +128,7 @@ def unset(cfg) -> list[str]:
     return [k for k in PAPER if getattr(cfg, k) in (None, "")]
 
 
-def default_values(cfg, *, n_rows: int, gpu: bool, skew: tuple | None = None) -> dict:
+def default_values(cfg, *, n_rows: int, gpu: bool, skew=None) -> dict:
     """The `default` preset for this run. Every value is a rule of the data size / device (and, for the
     warm-up, of the annotation: `skew` = `annotator_skew(...)`, or a function returning it, called only when
     Co-Reg's warm-up is left to the preset, since it reads the whole annotation), never a number tuned on a benchmark's test
@@ -169,7 +169,7 @@ def default_values(cfg, *, n_rows: int, gpu: bool, skew: tuple | None = None) ->
     return out
 
 
-def resolve(cfg, *, n_rows: int, gpu: bool, skew: tuple | None = None):
+def resolve(cfg, *, n_rows: int, gpu: bool, skew=None):
     """(cfg with every unset option filled, {option: value} of what the preset filled)."""
     if cfg.preset not in PRESETS:
         raise CoregError(f"--preset {cfg.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
