@@ -189,8 +189,8 @@ def main() -> None:
     for i, (p, f, _, m) in enumerate(pairs):
         lines.append(f"| {i + 1} | {p:.2f} | {f:.2f} | {p / f:.2f} | {m['net1/n_p']:.0f} / {m['net1/n_u']:.0f} |")
     lines.append(f"\n**median ratio pipeline / floor: {median:.2f}** (goal: at most 1.3)")
-    if device.type == "cuda":
-        lines.append(f"\nseconds per Co-Reg epoch on this GPU (median): {sorted(p for p, _, _, _ in pairs)[len(pairs) // 2]:.2f}")
+    where = "GPU" if device.type == "cuda" else "CPU"  # bench/gpu.sh reads this line to plan its accuracy run
+    lines.append(f"\nseconds per Co-Reg epoch on this {where} (median): {sorted(p for p, _, _, _ in pairs)[len(pairs) // 2]:.2f}")
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(args.out)

@@ -184,3 +184,22 @@ def test_fit_probe(tmp_path):
     assert 0 < valid < 1 and float(cells["valid rows (%)"]) == round(100 * valid, 1)
     res = probe(str(ann), str(model))
     assert all(0 <= v <= 100 for v in res.values()) and cells["model"] == str(model)
+
+
+def test_gpu_script_plans_and_runs_its_ceiling_table(data, tmp_path):
+    """bench/gpu.sh end to end as a smoke run without a GPU (DEVICE=cpu, a tiny student): the speed step, the
+    epoch plan read from its printed epoch time, and the accuracy table with the clean ceiling beside the
+    annotator's setting. A GPU session runs the same script with the defaults."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DEVICE": "cpu", "ARCH": "small_cnn",
+           "SPEED_N": "24", "THREADS": "1", "BATCH_SIZE": "2", "BUDGET": "600", "OVERHEAD": "599", "SETTING": "clean;instance:shots=1",
+           "POOL_PER_CLASS": "2", "TRAIN_PER_CLASS": "2", "WORK": str(tmp_path / "work")}  # fmt: skip
+    r = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), str(data / "cifar"), str(tmp_path / "res")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert "2 epochs (warm-up 1) on 6 images" in r.stdout
+    table = (tmp_path / "res" / "accuracy_gpu.md").read_text()
+    assert "Ceiling check" in table and "| coreg |" in table and "| ce |" in table
+    assert (tmp_path / "res" / "train_speed_gpu.md").is_file()
+    r = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), str(data / "cifar")], cwd=REPO,
+                       env={**env, "POOL_PER_CLASS": "4"}, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 2 and "not more than POOL_PER_CLASS=4" in r.stderr
