@@ -200,6 +200,6 @@ def test_gpu_script_plans_and_runs_its_ceiling_table(data, tmp_path):
     table = (tmp_path / "res" / "accuracy_gpu.md").read_text()
     assert "Ceiling check" in table and "| coreg |" in table and "| ce |" in table
     assert (tmp_path / "res" / "train_speed_gpu.md").is_file()
-    r = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), str(data / "cifar")], cwd=REPO,
+    r = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), str(data / "cifar"), str(tmp_path / "res2")], cwd=REPO,
                        env={**env, "POOL_PER_CLASS": "4"}, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 2 and "not more than POOL_PER_CLASS=4" in r.stderr
