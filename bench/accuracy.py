@@ -176,7 +176,7 @@ def run_one(method: str, setting: str, seed: int, ann: Path, work: Path, args) -
 
 def main() -> None:
     from bench.accuracy_data import annotate, class_counts, image_folder
-    from bench.accuracy_table import table
+    from bench.accuracy_table import TWO_NETWORK, table
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10"), help="CIFAR-10 image folder (train/, test/)")
@@ -237,7 +237,7 @@ def main() -> None:
         tasks = [t for t in tasks if (work / "results" / (slug(f"{t[1]}|{t[2]}|{t[0]}") + ".json")).exists()
                  or f"{t[1]}|{t[2]}|{t[0]}" in args.reused]  # fmt: skip
     order = {t[:3]: i for i, t in enumerate(tasks)}
-    tasks.sort(key=lambda t: not t[0].startswith(("coreg", "dividemix")))  # the long runs first: better packing of --jobs
+    tasks.sort(key=lambda t: not t[0].startswith(TWO_NETWORK))  # the long runs first: better packing of --jobs
     results: list[dict] = []
     # --jobs > 1 runs trainings side by side (each with --threads): more throughput on an idle machine, but
     # every run's wall time then includes the others' contention.

@@ -9,6 +9,10 @@ import os
 import statistics
 from pathlib import Path
 
+# the two-network methods: the long runs (bench/accuracy.py starts them first, bench/gpu.sh plans a full epoch's
+# cost for each), and the ones with a net1 column and division diagnostics here
+TWO_NETWORK = ("coreg", "dividemix")
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -53,7 +57,6 @@ def table(results: list[dict], args, *, options: list[str], methods: tuple[str, 
         lines[2:2] = ["**Dev subset** (`--subset dev`): training and test images both drawn from the training images "
                       "the reported subset does not use; this table is for choosing defaults, not for reporting.", ""]  # fmt: skip
     ceiling = {r["seed"]: r["test_acc"] for r in results if r["setting"] == "clean"}
-    two_net = ("coreg", "dividemix")
     for setting in dict.fromkeys(r["setting"] for r in results):
         rs = [r for r in results if r["setting"] == setting]
         first = {r["seed"]: r for r in rs}.values()
@@ -85,7 +88,7 @@ def table(results: list[dict], args, *, options: list[str], methods: tuple[str, 
         for method in [m for m in methods if any(r["method"] == m for r in rs)]:
             mr = [r for r in rs if r["method"] == method]
             acc = [r["test_acc"] for r in mr]
-            net1 = [r["test_acc_net1"] for r in mr] if method.startswith(two_net) else []
+            net1 = [r["test_acc_net1"] for r in mr] if method.startswith(TWO_NETWORK) else []
             gain = [r["test_acc"] - r["zero_shot_test"] for r in mr]
             # (accuracy − zero-shot) / (ceiling − zero-shot), with the clean ceiling of the same seed
             closed = [(r["test_acc"] - r["zero_shot_test"]) / (ceiling[r["seed"]] - r["zero_shot_test"])
@@ -96,7 +99,7 @@ def table(results: list[dict], args, *, options: list[str], methods: tuple[str, 
                 f"| {method} | {ms(acc)} |{bal} {ms(net1)} | {ms(gain)} | {ms(closed, 100, 0)} | {ms(ncls, 1, 1)} | {len(mr)} | {ms(ratio(mr, rs), 1, 1)} |"
             )
         lines.append("")
-        two = [m for m in methods if m.startswith(two_net) and any(r["method"] == m and r.get("diag") for r in rs)]
+        two = [m for m in methods if m.startswith(TWO_NETWORK) and any(r["method"] == m and r.get("diag") for r in rs)]
         if two:
             lines += [
                 "Two-network methods, diagnostics (true labels used for reporting only): ensemble test accuracy "

@@ -88,12 +88,13 @@ left=$(( BUDGET - elapsed ))
 # costs about 0.4 of a Co-Reg epoch (one network, one view to train on), DivideMix about one.
 plan=$(python -c '
 import sys
+from bench.accuracy_table import TWO_NETWORK
 epoch_s, left, overhead, per_class = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 methods = [m for m in sys.argv[5].split(",") if m]
 settings = [s for s in sys.argv[6].split(";") if s]
 n_seeds = len([s for s in sys.argv[7].split(",") if s])
 n_classes = int(sys.argv[8])
-weight = lambda m: 1.0 if m.startswith(("coreg", "dividemix")) else 0.4
+weight = lambda m: 1.0 if m.startswith(TWO_NETWORK) else 0.4
 units = n_seeds * sum(0.4 if s == "clean" else sum(weight(m) for m in methods) for s in settings)
 per_epoch = 1.5 * epoch_s * (n_classes * per_class) / 50_000 + 0.3  # + fixed per-epoch work (GMM, test pass)
 epochs = max(2, min(800, int((left - overhead) / max(per_epoch, 1e-3) / max(units, 0.4))))
