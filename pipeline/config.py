@@ -84,7 +84,7 @@ class TrainConfig:
     arch: str = _f("", "preact_resnet18 | small_cnn | timm:NAME; unset = preset (paper: preact_resnet18; default: small_cnn on CPU, preact_resnet18 on GPU)", panel=MODEL)
     timm_pretrained: bool = _f(False, "load pretrained timm weights (must be available locally)", panel=MODEL)
     epochs: int | None = _f(None, "the loop runs epochs 0..epochs-1; unset = preset (paper 800; default: about 1,200 steps on CPU, 40,000 on GPU, 20 to 800 epochs)", range=(1, None), panel=SCHEDULE)
-    warmup_epochs: int | None = _f(None, "epochs of warm-up before the method's main phase (at most --epochs); unset = preset (paper 50; default half the epochs)", range=(0, None), panel=SCHEDULE)
+    warmup_epochs: int | None = _f(None, "epochs of warm-up before the method's main phase (at most --epochs); unset = preset (paper 50; default half the epochs, for Co-Reg's hard warm-up 320 steps within a quarter to half of the run)", range=(0, None), panel=SCHEDULE)
     batch_size: int | None = _f(None, "per step, labeled and unlabeled each (warm-up uses 2x); unset = preset (paper 256; default: 256 halved until an epoch has 30 steps, at least 32)", range=(1, None), panel=SCHEDULE)
     image_size: int = _f(0, "0 = the training images' size (max side, capped at 224)", range=(0, None), panel=DATA)
     lr: float = _f(0.01, "SGD learning rate (start of the cosine schedule)", gt=0, panel=SCHEDULE)

@@ -26,7 +26,7 @@ def test_default_preset_derives_from_data_size_and_device():
     c, _ = resolve(cfg(), n_rows=2000, gpu=False)
     assert c.arch == "small_cnn" and c.batch_size == 64  # 256 halved until an epoch has >= 30 steps
     assert c.epochs == 38  # ceil(1200 steps / ceil(2000 / 64) = 32 steps per epoch)
-    assert c.warmup_epochs == 19 and c.rampup_epochs == 4 and c.start_cont == 4 and c.lr_period == 0
+    assert c.warmup_epochs == 10 and c.rampup_epochs == 4 and c.start_cont == 4 and c.lr_period == 0  # 320 of 1,216 steps
     assert c.gmm_history == 1
     assert c.proto_m == pytest.approx(1 - 0.001 * 25)  # the paper's refresh per epoch at 50k rows
     assert c.moco_m == pytest.approx(0.999 ** (195 / 32))
@@ -98,6 +98,21 @@ def test_annotator_skew_is_the_rarest_in_set_top_class_share_without_labels():
     assert annotator_skew(*_annotation([150, 150, 90, 10], top=0.52))[2] == pytest.approx(0.04)  # a flat ranking
     assert annotator_skew(*_annotation([20, 20, 20, 20])) is None  # under 30 ranked rows per class: too few to tell
     assert annotator_skew(*_annotation([0, 0, 0, 0], tie_rows=1000)) is None  # a synthetic annotator: nothing ranked
+
+
+def test_default_warmup_length_is_320_steps_within_a_quarter_to_half_for_coreg_hard_warmup_only():
+    # accuracy_notes.md §8 (half at 640 steps) and §28 (a quarter at 1,216 steps, the soft warm-up keeps half)
+    assert resolve(cfg(epochs=20), n_rows=2000, gpu=False)[0].warmup_epochs == 10  # 640 steps: half = 320
+    assert resolve(cfg(epochs=10), n_rows=2000, gpu=False)[0].warmup_epochs == 5  # 320 steps: capped at half
+    assert resolve(cfg(epochs=100), n_rows=2000, gpu=False)[0].warmup_epochs == 25  # 3,200 steps: a quarter
+    assert resolve(cfg(batch_size=32), n_rows=818, gpu=False)[0].warmup_epochs == 12  # 47 x 26 steps: 320 / 26
+    assert resolve(cfg(), n_rows=50_000, gpu=True)[0].warmup_epochs == 51  # a quarter of 205 epochs
+    very = (0.1, 0, 0.2)
+    assert resolve(cfg(), n_rows=2000, gpu=False, skew=very)[0].warmup_epochs == 19  # the soft warm-up: half
+    for other in (cfg(method="dividemix"), cfg(method="cr_dpll"), cfg(warmup_loss="vlm"), cfg(warmup_loss="paper")):
+        assert resolve(other, n_rows=2000, gpu=False)[0].warmup_epochs == 19
+    assert resolve(cfg(warmup_loss="vlm-hard-net"), n_rows=2000, gpu=False, skew=very)[0].warmup_epochs == 10
+    assert resolve(cfg(warmup_epochs=19), n_rows=2000, gpu=False)[0].warmup_epochs == 19  # explicit wins
 
 
 def test_default_warmup_turns_soft_for_a_very_weak_annotator_that_ranks_only():
