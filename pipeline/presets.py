@@ -41,7 +41,8 @@ so on small data they are re-derived to mean the same per unit of training, and 
   half of the run; every other warm-up (the very weak recipe's soft one, the baselines') half the run. At 640
   steps that is half either way; at a user's default 1,200 steps it is a quarter, which scored +0.5 / +3.8 / +2.4
   points over half on the dev subset's synthetic, weak and mid annotators, every seed, while the soft warm-up
-  lost every seed when cut (bench/results/accuracy_notes.md §28). The paper's 50 of 800 epochs is 6%.
+  lost every seed when cut (bench/results/accuracy_notes.md §28; the held-out tables retrained with it: §29).
+  The paper's 50 of 800 epochs is 6%.
 - `mix_views=weak`: the self-training (mixup) and contrastive views are crop + flip, not RandAugment + Cutout:
   on a short run the strong views keep the mixup loss high and the network below its own P labels' accuracy
   (bench/results/accuracy_notes.md §6). Not in the paper.
@@ -94,8 +95,8 @@ SKEW_MIN_ROWS = 30  # ranked rows per class on average below which a rare class 
 # Co-Reg's hard warm-up (vlm-hard-net) in optimiser steps: this many, kept between a quarter and half of the run.
 # Measured on the MNIST dev subset: at 640 steps 0.3 of the run was mixed against half (320; -1.0 / +0.8 / +0.2,
 # a class lost in two seeds, accuracy_notes.md §8); at 1,216 steps a quarter (320) beat half (608) in all 9 seeds
-# of 3 annotators (§28). The soft warm-up of the very
-# weak recipe ramps its balancing over the warm-up and keeps half the run (a quarter lost every seed there, §28).
+# of 3 annotators (§28), and held on the long-tailed dev folder (§29). The soft warm-up of the very weak recipe
+# ramps its balancing over the warm-up and keeps half the run (a quarter lost every seed there, §28).
 WARMUP_STEPS = 320
 
 
