@@ -105,9 +105,11 @@ def table(results: list[dict], args, *, options: list[str], methods: tuple[str, 
                 "Two-network methods, diagnostics (true labels used for reporting only): ensemble test accuracy "
                 "when warm-up ended and at the end; at the last epoch, the share of training rows each network "
                 "put in the clean/partial split P, and the accuracy of the pseudo-labels (argmax of the "
-                "training targets) on P and U rows (Co-Reg), averaged over the two networks.", "",
-                "| method | acc. end of warm-up (%) | final acc. (%) | P share (%) | pseudo-label acc. P (%) | pseudo-label acc. U (%) |",
-                "| --- | ---: | ---: | ---: | ---: | ---: |",
+                "training targets) on P and U rows (Co-Reg), averaged over the two networks. `prior shift`: the "
+                "runs whose saved model `--prior-shift em` moved towards the class mix it estimated (pipeline/"
+                "prior_shift.py), and the ensemble's accuracy at the last epoch before that shift.", "",
+                "| method | acc. end of warm-up (%) | before prior shift (%) | final acc. (%) | prior shift (runs) | P share (%) | pseudo-label acc. P (%) | pseudo-label acc. U (%) |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             ]  # fmt: skip
             for method in two:
                 mr = [r for r in rs if r["method"] == method and r.get("diag")]
@@ -116,8 +118,10 @@ def table(results: list[dict], args, *, options: list[str], methods: tuple[str, 
                     return [r["diag"][key] for r in mr if r["diag"].get(key) is not None]
 
                 share = [r["diag"]["n_p"] / (r["diag"]["n_p"] + r["diag"]["n_u"]) for r in mr if r["diag"].get("n_p") is not None]
+                shifted = [r["diag"]["prior_shift_applied"] for r in mr if r["diag"].get("prior_shift_applied") is not None]
                 lines.append(
-                    f"| {method} | {ms(d('acc_end_warmup'))} | {ms([r['test_acc'] for r in mr])} | {ms(share)} | "
+                    f"| {method} | {ms(d('acc_end_warmup'))} | {ms(d('acc_last_epoch'))} | {ms([r['test_acc'] for r in mr])} | "
+                    f"{f'{sum(shifted)} of {len(shifted)}' if shifted else '–'} | {ms(share)} | "
                     f"{ms(d('diag_pseudo_acc_p'))} | {ms(d('diag_pseudo_acc_u'))} |"
                 )
             lines.append("")

@@ -21,7 +21,7 @@ from pipeline.errors import CoregError
 CHECKPOINT = "checkpoint.pt"
 # Options that may differ between a run and its resume: they change neither the computation nor its result
 # (`epochs` may grow to extend a run; with lr_period = 0 it changes the schedule, which is checked below).
-RESUME_FREE = {"resume", "num_workers", "tensorboard", "out", "annotated", "save_every", "epochs", "compile"}
+RESUME_FREE = {"resume", "num_workers", "tensorboard", "out", "annotated", "save_every", "epochs", "compile", "prior_shift"}  # prior_shift: read once, after the last epoch
 
 
 def save_checkpoint(out: Path, *, epoch: int, method, config: dict, scaler=None) -> None:

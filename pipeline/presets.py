@@ -81,6 +81,7 @@ PAPER = {
     "rampup_epochs": 16, "start_cont": 10, "gmm_history": 5, "proto_m": 0.999, "moco_m": 0.999,
     "queue_size": 8192, "division": "global", "epoch_steps": "p", "warmup_loss": "paper", "partner_scores": "net",
     "mix_views": "strong", "mixup_alpha": 4.0, "ema_epochs": 0.0, "use_unlabeled": True, "prior_penalty": 0.0,
+    "prior_shift": "off",
 }  # fmt: skip
 PAPER_ROWS = 50_000  # CIFAR's training set: the paper's time constants are per epoch of this many rows
 PAPER_STEPS = 195  # ceil(50000 / 256) steps per epoch in the paper's setting
@@ -181,6 +182,9 @@ def default_values(cfg, *, n_rows: int, gpu: bool, skew=None) -> dict:
     # dev subset); dividemix and alim keep their papers' 4. And Co-Reg trains on P only (accuracy_dev_u_mixup.md)
     out["mixup_alpha"] = 0.1 if cfg.method == "coreg" else PAPER["mixup_alpha"]
     out["use_unlabeled"] = cfg.method != "coreg"  # only coreg reads it
+    # the folder's class mix re-estimated after training (pipeline/prior_shift.py; accuracy_notes.md §30): Co-Reg's
+    # default balances its classes; a baseline trained on the annotator's top class carries the annotator's mix
+    out["prior_shift"] = "em" if cfg.method == "coreg" else "off"
     return out
 
 

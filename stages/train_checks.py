@@ -78,8 +78,11 @@ def check_finite(metrics: dict, epoch: int, last_saved: int, cfg: TrainConfig, o
     )
 
 
-def save_checked(out, method, model_config, save_model) -> None:
+def save_checked(out, method, model_config, save_model, shift=None) -> None:
+    """`shift`: {net: (C,) logit shift} folded into each network's last bias (pipeline/prior_shift.py)."""
     weights = method.prediction_weights()
+    for n, d in (shift or {}).items():
+        weights[f"{n}.fc.bias"] = weights[f"{n}.fc.bias"] + d.to(weights[f"{n}.fc.bias"])
     # The loss check catches almost every divergence; this one guarantees that no non-finite weights are ever
     # written, whatever produced them.
     bad = next((k for k, v in weights.items() if v.is_floating_point() and not bool(v.isfinite().all())), None)

@@ -19,7 +19,7 @@ def test_paper_preset_is_the_published_constants():
     assert (c.epochs, c.warmup_epochs, c.batch_size, c.lr_period, c.rampup_epochs, c.start_cont) == (800, 50, 256, 800, 16, 10)
     assert (c.gmm_history, c.proto_m, c.moco_m, c.queue_size) == (5, 0.999, 0.999, 8192)
     assert (c.division, c.epoch_steps, c.warmup_loss, c.partner_scores, c.arch) == ("global", "p", "paper", "net", "preact_resnet18")
-    assert c.mix_views == "strong" and c.mixup_alpha == 4.0
+    assert c.mix_views == "strong" and c.mixup_alpha == 4.0 and c.prior_shift == "off"
 
 
 def test_default_preset_derives_from_data_size_and_device():
@@ -33,8 +33,10 @@ def test_default_preset_derives_from_data_size_and_device():
     assert c.queue_size == 328  # 16% of the rows, like 8192 of 50k
     assert (c.division, c.epoch_steps, c.warmup_loss, c.partner_scores, c.mix_views) == ("class", "rows", "vlm-hard-net", "net", "weak")
     assert c.mixup_alpha == 0.1 and c.use_unlabeled is False  # bench/results/accuracy_dev_u_mixup.md
+    assert c.prior_shift == "em"  # pipeline/prior_shift.py, accuracy_notes.md §30
     for method in ("dividemix", "alim"):  # the baselines that mix keep their papers' alpha under every preset
-        assert resolve(cfg(method=method), n_rows=2000, gpu=False)[0].mixup_alpha == 4.0
+        b = resolve(cfg(method=method), n_rows=2000, gpu=False)[0]
+        assert b.mixup_alpha == 4.0 and b.prior_shift == "off"  # trained on the annotator's top: its mix, not a balance
     g, _ = resolve(cfg(), n_rows=50_000, gpu=True)
     assert g.arch == "preact_resnet18" and g.batch_size == 256 and g.proto_m == pytest.approx(0.999)
     assert g.epochs == 205 and g.queue_size == 8192  # ceil(40000 / 196)

@@ -1,0 +1,121 @@
+"""The final model's prior shift (pipeline/prior_shift.py, `--prior-shift em`): EM recovers a folder's class mix
+from posteriors alone, the guards leave balanced folders and every predicted class alone, and `coreg train`
+folds the shift into the saved last bias without touching the checkpoint or reading the labels."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from pipeline import prior_shift as ps
+
+
+def gaussian_rows(counts, *, seed=0, sep=1.5, extra=0.3):
+    """1-D Gaussian classes at 0, sep, 2 sep ...: rows drawn with `counts` per class, their exact posteriors under
+    a uniform prior (as logits), candidate sets = the true class plus each other class with probability `extra`."""
+    g = torch.Generator().manual_seed(seed)
+    c = len(counts)
+    y = torch.cat([torch.full((k,), i) for i, k in enumerate(counts)])
+    x = y * sep + torch.randn(len(y), generator=g)
+    means = torch.arange(c) * sep
+    logits = -0.5 * (x[:, None] - means[None]) ** 2
+    mask = torch.rand(len(y), c, generator=g) < extra
+    mask[torch.arange(len(y)), y] = True
+    return logits, mask, y
+
+
+def test_em_recovers_the_class_mix_of_the_rows_with_and_without_candidate_sets():
+    counts = [600, 300, 100]
+    logits, mask, y = gaussian_rows(counts)
+    truth = torch.tensor(counts, dtype=torch.float64) / sum(counts)
+    for m in (None, mask):
+        prior = ps.em_prior(torch.softmax(logits, 1), m)
+        assert prior.sum().item() == pytest.approx(1.0)
+        assert torch.allclose(prior, truth, atol=0.04), (m is None, prior)
+    assert ps.effective_share(torch.full((4,), 0.25)) == pytest.approx(1.0)
+    assert ps.effective_share(torch.tensor([1.0, 0, 0, 0])) == pytest.approx(0.25)
+
+
+def test_a_long_tail_is_shifted_towards_its_mix_and_gains_accuracy_keeping_every_class():
+    logits, mask, y = gaussian_rows([600, 300, 100])
+    shift, info = ps.estimate({"net1": logits, "net2": logits}, mask, ["net1", "net2"])
+    assert info["applied"] and info["effective_classes"] < 0.9 * 3 and "imbalanced" in info["why"]
+    d = shift["net1"]
+    assert d[0] > 0 > d[2] and d.min() >= np.log(ps.FLOOR) * info["strength"] - 1e-6  # the floor: odds at most halved
+    assert info["logit_shift"]["net1"] == pytest.approx(d.tolist(), abs=1e-5)
+    before = (2 * logits).argmax(1)
+    after = (2 * logits + shift["net1"] + shift["net2"]).argmax(1)
+    assert (after == y).float().mean() > (before == y).float().mean()
+    kept = torch.bincount(after, minlength=3) >= torch.floor(ps.KEEP * torch.bincount(before, minlength=3))
+    assert bool(kept.all())
+
+
+def test_a_balanced_folder_and_too_few_rows_are_left_as_trained():
+    logits, mask, _ = gaussian_rows([300, 300, 300])
+    shift, info = ps.estimate({"net1": logits}, mask, ["net1"])
+    assert shift == {} and not info["applied"] and "balanced" in info["why"]
+    logits, mask, _ = gaussian_rows([40, 20, 10])  # 70 rows, under 30 per class
+    shift, info = ps.estimate({"net1": logits}, mask, ["net1"])
+    assert shift == {} and "too few" in info["why"]
+
+
+def test_the_shift_is_weakened_until_every_class_keeps_half_its_predictions():
+    # a rare class the model barely separates: the full shift would take most of its predictions away
+    logits, mask, y = gaussian_rows([900, 90, 60], sep=0.8, extra=0.6)
+    shift, info = ps.estimate({"net1": logits}, mask, ["net1"])
+    assert info["applied"] and info["strength"] < 1
+    full = (logits + torch.tensor(info["prior"]).mul(3).clamp_min(ps.FLOOR).log().float()).argmax(1)  # strength 1
+    base = torch.bincount(logits.argmax(1), minlength=3)
+    assert not bool((torch.bincount(full, minlength=3) >= torch.floor(ps.KEEP * base)).all())  # why it was weakened
+    kept = torch.bincount((logits + shift["net1"]).argmax(1), minlength=3)
+    assert bool((kept >= torch.floor(ps.KEEP * base)).all())
+
+
+def _long_tailed(path, *, shuffle_labels=False):
+    from tests.annotated import make_annotated
+
+    src = make_annotated(path.parent / (path.name + "_src"), n_train=300, n_test=30, q=0.3, eta=0.05)
+    dsd = datasets.load_from_disk(str(src))
+    rows = [i for i, lab in enumerate(dsd["train"]["label"]) if (lab == 0) or (lab == 1 and i % 4 == 1) or (lab == 2 and i % 10 == 2)]
+    train = dsd["train"].select(rows)  # 100 / 25 / 10 rows
+    if shuffle_labels:
+        labels = np.random.default_rng(1).permutation(train["label"]).tolist()
+        train = train.remove_columns("label").add_column("label", labels).cast(train.features)
+    datasets.DatasetDict({"train": train, "test": dsd["test"]}).save_to_disk(str(path))
+    return path
+
+
+def test_coreg_train_folds_the_shift_into_the_saved_bias_only_and_never_reads_the_labels(tmp_path):
+    from stages.cli import app
+
+    runner = CliRunner()
+    args = ["--arch", "small_cnn", "--batch-size", "16", "--epochs", "6", "--warmup-epochs", "3", "--queue-size", "32",
+            "--num-workers", "0", "--cpu"]
+    outs = {}
+    for name, shuffled, extra in (("em", False, []), ("shuffled", True, []), ("off", False, ["--prior-shift", "off"])):
+        ann = _long_tailed(tmp_path / f"ann_{name}", shuffle_labels=shuffled)
+        out = tmp_path / name
+        r = runner.invoke(app, ["train", str(ann), str(out), *args, *extra])
+        assert r.exit_code == 0, r.output
+        outs[name] = (out, r.output)
+    out, printed = outs["em"]
+    info = json.loads((out / "config.json").read_text())["prior_shift"]
+    assert info["applied"] and "prior shift:" in printed and "--prior-shift off" in printed
+    saved = load_file(str(out / "model.safetensors"))
+    trained = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["modules"]
+    for n in ("net1", "net2"):
+        diff = saved[f"{n}.fc.bias"] - trained[n]["fc.bias"]
+        assert torch.allclose(diff, torch.tensor(info["logit_shift"][n]), atol=1e-5)
+        assert torch.equal(saved[f"{n}.fc.weight"], trained[n]["fc.weight"])
+    shuffled = load_file(str(outs["shuffled"][0] / "model.safetensors"))
+    assert all(torch.equal(saved[k], shuffled[k]) for k in saved)  # the labels are diagnostics only
+    off = outs["off"][0]
+    assert "prior_shift" not in json.loads((off / "config.json").read_text())
+    plain = load_file(str(off / "model.safetensors"))
+    assert torch.equal(plain["net1.fc.bias"], trained["net1"]["fc.bias"])
