@@ -147,7 +147,7 @@ def prior_shift(method, ctx, model_config: dict, classes: list[str]):
         print(f"prior shift: {info['why']}; estimated shares {mix[0][1]} {mix[0][0]:.0%} ... {mix[-1][1]} {mix[-1][0]:.0%}: "
               f"the saved model's logits lean towards that mix (strength {info['strength']:g}; --prior-shift off keeps the balanced model)")
     else:
-        print(f"prior shift: none ({info['why']})")
+        print(f"prior shift: none; {info['why']}")
     return shift, info
 
 
