@@ -98,7 +98,9 @@ def test_coreg_train_folds_the_shift_into_the_saved_bias_only_and_never_reads_th
     args = ["--arch", "small_cnn", "--batch-size", "16", "--epochs", "6", "--warmup-epochs", "3", "--queue-size", "32",
             "--num-workers", "0", "--cpu"]
     outs = {}
-    for name, shuffled, extra in (("em", False, []), ("shuffled", True, []), ("off", False, ["--prior-shift", "off"])):
+    runs = (("em", False, []), ("shuffled", True, []), ("off", False, ["--prior-shift", "off"]),
+            ("ce", False, ["--method", "ce", "--prior-shift", "em"]))  # a one-network method, asked explicitly
+    for name, shuffled, extra in runs:
         ann = _long_tailed(tmp_path / f"ann_{name}", shuffle_labels=shuffled)
         out = tmp_path / name
         r = runner.invoke(app, ["train", str(ann), str(out), *args, *extra])
@@ -119,3 +121,10 @@ def test_coreg_train_folds_the_shift_into_the_saved_bias_only_and_never_reads_th
     assert "prior_shift" not in json.loads((off / "config.json").read_text())
     plain = load_file(str(off / "model.safetensors"))
     assert torch.equal(plain["net1.fc.bias"], trained["net1"]["fc.bias"])
+    ce = outs["ce"][0]
+    ce_info = json.loads((ce / "config.json").read_text())["prior_shift"]
+    ce_saved = load_file(str(ce / "model.safetensors"))
+    ce_trained = torch.load(ce / "checkpoint.pt", map_location="cpu", weights_only=True)["modules"]
+    ce_diff = ce_saved["net1.fc.bias"] - ce_trained["net1"]["fc.bias"]
+    expected = torch.tensor(ce_info["logit_shift"]["net1"]) if ce_info["applied"] else torch.zeros(3)
+    assert torch.allclose(ce_diff, expected, atol=1e-5)
