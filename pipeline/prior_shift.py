@@ -25,7 +25,7 @@ Guards, each chosen on the dev subsets of bench/accuracy.py (accuracy_notes.md �
 - `KEEP`: the shift is halved until every class keeps at least half of the training rows that the unshifted
   model predicts for it, so the shift never takes a class's training-image predictions away (on other images a
   class the model predicts only a handful of times can still lose them: 2 of 6 held-out runs of the hard warm-up
-  on the long tail, accuracy_notes.md §30);
+  on the long tail, and 2 of 9 default runs at 625 steps, accuracy_notes.md §30);
 - `MIN_ROWS`: under 30 rows per class on average the estimate is noise; nothing is shifted.
 """
 
