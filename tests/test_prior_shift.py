@@ -1,6 +1,7 @@
 """The final model's prior shift (pipeline/prior_shift.py, `--prior-shift em`): EM recovers a folder's class mix
-from posteriors alone, the guards leave balanced folders and every predicted class alone, and `coreg train`
-folds the shift into the saved last bias without touching the checkpoint or reading the labels."""
+from posteriors alone, the guards leave balanced and tiny folders alone and keep at least half of every class's
+training-image predictions, and `coreg train` folds the shift into the saved last bias without touching the
+checkpoint or reading the labels."""
 
 from __future__ import annotations
 
