@@ -23,6 +23,7 @@ from pipeline.config import TrainConfig, check
 from pipeline.errors import CoregError
 from stages.train_checks import check_finite, check_memory, collapse_warning, save_checked
 from stages.train_log import summary, test_accuracy, trim_metrics
+from stages.train_shift import prior_shift
 
 
 def check_options(cfg: TrainConfig) -> None:
@@ -126,29 +127,6 @@ def run(cfg: TrainConfig) -> Path:
     if cfg.batch_size > n:
         raise CoregError(f"--batch-size {cfg.batch_size} is larger than the {n} training images; use --batch-size {max(1, n // 2)} or less")
     return train(cfg, dsd, classes, method_module)
-
-
-def prior_shift(method, ctx, model_config: dict, classes: list[str]):
-    """The final model's logit shift towards the folder's class mix (pipeline/prior_shift.py), from every
-    network's logits on the training images (eval mode, no augmentation), and the line that says what was done."""
-    import torch
-
-    from pipeline import prior_shift as ps
-
-    nets = sorted({k.split(".", 1)[0] for k in method.prediction_weights()})
-    with_ = model_config["train_config"]["predict_with"]
-    predict = nets if len(nets) == 1 or with_ == "ensemble" else [with_]  # the networks whose logits predict
-    with torch.no_grad():
-        logits = {n: torch.cat([method.predict_logits(ctx.augment.normalize(ctx.images[r]), n).float().cpu()
-                                for r in torch.arange(ctx.images.shape[0]).split(1024)]) for n in nets}
-    shift, info = ps.estimate(logits, ctx.candidates.cpu(), predict)
-    if info.get("applied"):
-        mix = sorted(zip(info["prior"], classes, strict=True), reverse=True)
-        print(f"prior shift: {info['why']}; estimated shares {mix[0][1]} {mix[0][0]:.0%} ... {mix[-1][1]} {mix[-1][0]:.0%}: "
-              f"the saved model's logits lean towards that mix (strength {info['strength']:g}; --prior-shift off keeps the balanced model)")
-    else:
-        print(f"prior shift: none; {info['why']}")
-    return shift, info
 
 
 def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:

@@ -89,6 +89,12 @@ def save_checked(out, method, model_config, save_model, shift=None) -> None:
     if bad is not None:
         raise CoregError(f"{out}: the weights hold non-finite values ({bad}); model.safetensors was not written and the "
                          "last good checkpoint is kept. Lower --lr and start again in a new OUT")
-    nets = sorted({k.split(".", 1)[0] for k in weights})
-    predict_with = model_config["train_config"]["predict_with"] if len(nets) == 2 else "net1"
+    nets, predict_with = prediction_nets(weights, model_config["train_config"]["predict_with"])
     save_model(out, weights=weights, config={**model_config, "nets": nets, "predict_with": predict_with})
+
+
+def prediction_nets(weights: dict, predict_with: str) -> tuple[list[str], str]:
+    """The networks in `prediction_weights()` (keys `net1.<param>`, ...) and what the saved model predicts with:
+    the configured `--predict-with` for two networks, `net1` for one."""
+    nets = sorted({k.split(".", 1)[0] for k in weights})
+    return nets, (predict_with if len(nets) == 2 else "net1")

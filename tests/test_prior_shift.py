@@ -101,8 +101,9 @@ def test_coreg_train_folds_the_shift_into_the_saved_bias_only_and_never_reads_th
     outs = {}
     runs = (("em", False, []), ("shuffled", True, []), ("off", False, ["--prior-shift", "off"]),
             ("ce", False, ["--method", "ce", "--prior-shift", "em"]))  # a one-network method, asked explicitly
+    anns = {shuffled: _long_tailed(tmp_path / f"ann_{shuffled}", shuffle_labels=shuffled) for shuffled in (False, True)}
     for name, shuffled, extra in runs:
-        ann = _long_tailed(tmp_path / f"ann_{name}", shuffle_labels=shuffled)
+        ann = anns[shuffled]
         out = tmp_path / name
         r = runner.invoke(app, ["train", str(ann), str(out), *args, *extra])
         assert r.exit_code == 0, r.output
