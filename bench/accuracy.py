@@ -98,6 +98,10 @@ def preset_fingerprint(args, method: str, ann: Path | None = None) -> dict | Non
     warmup = opts[opts.index("--warmup-loss") + 1] if "--warmup-loss" in opts else ""  # given: the preset's rule is off
     cfg = SimpleNamespace(batch_size=args.batch_size, epochs=args.epochs, method=opts[1], warmup_loss=warmup)  # opts = ["--method", NAME, ...]
     vals = default_values(cfg, n_rows=args.n_train, gpu=args.device == "gpu", skew=skew)
+    if vals.get("prior_shift") == "em":  # its guards live in code, not in the preset: a change of them retrains
+        from pipeline.prior_shift import RULE
+
+        vals["prior_shift_rule"] = RULE
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in sorted(vals.items())}
 
 

@@ -1,0 +1,89 @@
+"""Re-score saved Co-Reg models under other `--prior-shift em` guards, without retraining.
+
+    python bench/prior_shift_probe.py --group NAME=GLOB [--group NAME=GLOB ...] [--keep 0.5,0.75] [--out FILE.md]
+
+GLOB: model folders of a `bench/accuracy.py --work` (WORK/models/SETTING__SEED__coreg). The shift only moves
+each network's last bias (pipeline/prior_shift.py), so the networks are what training left: each model's
+logits on its annotated training and test images are computed once (the recorded shift taken off, from its
+config.json), and every guard is applied to those logits. That is exact up to float rounding against
+training the same seed again (the training code is deterministic). Per group and keep share: the mean change
+of test accuracy and balanced accuracy against the unshifted networks (with the worst run), the runs the
+shift fired on, and the runs whose final model predicts fewer classes on test than the unshifted one. True
+test labels score the guards; use dev subsets only (`--subset dev`), never a reported one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def logits_of(model_dir: str) -> dict:
+    """Per-network logits on the annotated train and test rows, without the saved prior shift."""
+    from pipeline.model_io import load_model
+    from pipeline.schema import candidate_matrix, load_annotated
+    from stages.evaluate import predict_rows
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    ds, classes = load_annotated(cfg["train_config"]["annotated"], stage="prior_shift_probe")
+    model = load_model(model_dir)
+    shift = cfg.get("prior_shift") or {}
+    out = {"mask": np.asarray(candidate_matrix(ds["train"]["candidates"], len(classes)), dtype=np.float64)}
+    for split in ("train", "test"):
+        per_net, _ = predict_rows(model, ds[split], range(len(ds[split])), batch_size=256, num_workers=0, progress=False)
+        if shift.get("applied"):
+            per_net = {k: v - np.asarray(shift["logit_shift"][k], dtype=v.dtype) for k, v in per_net.items()}
+        out[split], out[split + "_y"] = per_net, np.asarray(ds[split]["label"])
+    out["predict"] = list(per_net) if cfg["train_config"].get("predict_with", "ensemble") == "ensemble" else [cfg["train_config"]["predict_with"]]
+    return out
+
+
+def score(d: dict, shift: dict) -> tuple[float, float, int]:
+    """Test accuracy, balanced accuracy (%) and classes predicted, for the shifted prediction networks."""
+    z = sum(d["test"][k] + (shift[k].numpy() if k in shift else 0) for k in d["predict"])
+    pred, y = z.argmax(1), d["test_y"]
+    bal = np.mean([(pred[y == c] == c).mean() for c in np.unique(y)])
+    return 100 * float((pred == y).mean()), 100 * float(bal), len(np.unique(pred))
+
+
+def main() -> None:
+    import torch
+
+    from pipeline import prior_shift as ps
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--group", action="append", required=True, help="NAME=GLOB of model folders")
+    ap.add_argument("--keep", default="0.5,0.75,0.9", help="keep shares to compare (comma-separated)")
+    ap.add_argument("--out", help="also write the table to this markdown file")
+    args = ap.parse_args()
+    keeps = [float(k) for k in args.keep.split(",")]
+    lines = ["| dev runs | runs | unshifted acc. / bal. (%) | keep | Δ acc. mean (worst) | Δ bal. mean (worst) | fired | class lost on test |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for group in args.group:
+        name, pattern = group.split("=", 1)
+        dirs = sorted(glob.glob(pattern))
+        if not dirs:
+            raise SystemExit(f"--group {name}: no model folder matches {pattern}")
+        data = [logits_of(m) for m in dirs]
+        base = [score(d, {}) for d in data]
+        for keep in keeps:
+            rows = []
+            for d, b in zip(data, base, strict=True):
+                logits = {k: torch.from_numpy(v) for k, v in d["train"].items()}
+                shift, info = ps.estimate(logits, torch.from_numpy(d["mask"]), d["predict"], keep=keep)
+                s = score(d, shift)
+                rows.append((s[0] - b[0], s[1] - b[1], bool(info.get("applied")), s[2] < b[2]))
+            da, db = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
+            lines.append(f"| {name} | {len(dirs)} | {np.mean([b[0] for b in base]):.1f} / {np.mean([b[1] for b in base]):.1f} | {keep:g} | "
+                         f"{da.mean():+.2f} ({da.min():+.1f}) | {db.mean():+.2f} ({db.min():+.1f}) | {sum(r[2] for r in rows)} | {sum(r[3] for r in rows)} |")  # fmt: skip
+            print(lines[-1], flush=True)
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
