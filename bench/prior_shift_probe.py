@@ -1,15 +1,16 @@
 """Re-score saved Co-Reg models under other `--prior-shift em` guards, without retraining.
 
-    python bench/prior_shift_probe.py --group NAME=GLOB [--group NAME=GLOB ...] [--keep 0.5,0.75] [--out FILE.md]
+    python bench/prior_shift_probe.py --group NAME=GLOB [--group NAME=GLOB ...] [--keep 0.5f,0.5,0.75] [--out FILE.md]
 
-GLOB: model folders of a `bench/accuracy.py --work` (WORK/models/SETTING__SEED__coreg). The shift only moves
+GLOB: model folders of a `bench/accuracy.py --work` (several globs: comma-separated) (WORK/models/SETTING__SEED__coreg). The shift only moves
 each network's last bias (pipeline/prior_shift.py), so the networks are what training left: each model's
 logits on its annotated training and test images are computed once (the recorded shift taken off, from its
-config.json), and every guard is applied to those logits. That is exact up to float rounding against
+config.json), and every keep share is applied to those logits. That is exact up to float rounding against
 training the same seed again (the training code is deterministic). Per group and keep share: the mean change
 of test accuracy and balanced accuracy against the unshifted networks (with the worst run), the runs the
 shift fired on, and the runs whose final model predicts fewer classes on test than the unshifted one. True
-test labels score the guards; use dev subsets only (`--subset dev`), never a reported one.
+test labels score the guards; use dev subsets only (`--subset dev`), never a reported one. A keep share is
+rounded up, as training does; `0.5f` is half rounded down (the first rule). `--cache DIR` keeps the logits.
 """
 
 from __future__ import annotations
@@ -22,8 +23,13 @@ from pathlib import Path
 import numpy as np
 
 
-def logits_of(model_dir: str) -> dict:
+def logits_of(model_dir: str, cache: str | None = None) -> dict:
     """Per-network logits on the annotated train and test rows, without the saved prior shift."""
+    import pickle
+
+    cached = Path(cache) / (model_dir.strip("/").replace("/", "_") + ".pkl") if cache else None
+    if cached is not None and cached.exists():
+        return pickle.loads(cached.read_bytes())
     from pipeline.model_io import load_model
     from pipeline.schema import candidate_matrix, load_annotated
     from stages.evaluate import predict_rows
@@ -39,6 +45,9 @@ def logits_of(model_dir: str) -> dict:
             per_net = {k: v - np.asarray(shift["logit_shift"][k], dtype=v.dtype) for k, v in per_net.items()}
         out[split], out[split + "_y"] = per_net, np.asarray(ds[split]["label"])
     out["predict"] = list(per_net) if cfg["train_config"].get("predict_with", "ensemble") == "ensemble" else [cfg["train_config"]["predict_with"]]
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_bytes(pickle.dumps(out))
     return out
 
 
@@ -57,28 +66,29 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--group", action="append", required=True, help="NAME=GLOB of model folders")
-    ap.add_argument("--keep", default="0.5,0.75,0.9", help="keep shares to compare (comma-separated)")
+    ap.add_argument("--keep", default="0.5f,0.5,0.75,0.9", help="keep shares to compare (comma-separated; 0.5f: rounded down)")
+    ap.add_argument("--cache", help="a folder for the models' logits (computed once per model)")
     ap.add_argument("--out", help="also write the table to this markdown file")
     args = ap.parse_args()
-    keeps = [float(k) for k in args.keep.split(",")]
+    keeps = [(float(k.rstrip("f")), not k.endswith("f"), k) for k in args.keep.split(",")]
     lines = ["| dev runs | runs | unshifted acc. / bal. (%) | keep | Δ acc. mean (worst) | Δ bal. mean (worst) | fired | class lost on test |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for group in args.group:
         name, pattern = group.split("=", 1)
-        dirs = sorted(glob.glob(pattern))
+        dirs = sorted(d for p in pattern.split(",") for d in glob.glob(p))
         if not dirs:
             raise SystemExit(f"--group {name}: no model folder matches {pattern}")
-        data = [logits_of(m) for m in dirs]
+        data = [logits_of(m, args.cache) for m in dirs]
         base = [score(d, {}) for d in data]
-        for keep in keeps:
+        for keep, round_up, label in keeps:
             rows = []
             for d, b in zip(data, base, strict=True):
                 logits = {k: torch.from_numpy(v) for k, v in d["train"].items()}
-                shift, info = ps.estimate(logits, torch.from_numpy(d["mask"]), d["predict"], keep=keep)
+                shift, info = ps.estimate(logits, torch.from_numpy(d["mask"]), d["predict"], keep=keep, round_up=round_up)
                 s = score(d, shift)
                 rows.append((s[0] - b[0], s[1] - b[1], bool(info.get("applied")), s[2] < b[2]))
             da, db = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
-            lines.append(f"| {name} | {len(dirs)} | {np.mean([b[0] for b in base]):.1f} / {np.mean([b[1] for b in base]):.1f} | {keep:g} | "
+            lines.append(f"| {name} | {len(dirs)} | {np.mean([b[0] for b in base]):.1f} / {np.mean([b[1] for b in base]):.1f} | {label} | "
                          f"{da.mean():+.2f} ({da.min():+.1f}) | {db.mean():+.2f} ({db.min():+.1f}) | {sum(r[2] for r in rows)} | {sum(r[3] for r in rows)} |")  # fmt: skip
             print(lines[-1], flush=True)
     if args.out:

@@ -80,11 +80,13 @@ def effective_share(prior: Tensor) -> float:
     return math.exp(float(-(p * p.log()).sum())) / prior.numel()
 
 
-def estimate(logits: dict[str, Tensor], mask: Tensor, predict: list[str], *, keep: float = KEEP) -> tuple[dict[str, Tensor], dict]:
+def estimate(logits: dict[str, Tensor], mask: Tensor, predict: list[str], *, keep: float = KEEP,
+             round_up: bool = True) -> tuple[dict[str, Tensor], dict]:
     """Per-network logit shifts (C,) for the rows' logits by network (N, C each), and what was decided.
 
     `predict`: the networks whose summed logits make the prediction (the keep guard reads that prediction).
-    `keep`: the keep guard's share (bench/prior_shift_probe.py compares values; training uses `KEEP`).
+    `keep`, `round_up`: the keep guard's share of each class's predictions and its rounding (training uses `KEEP`,
+    rounded up; bench/prior_shift_probe.py compares others, among them the first rule, half rounded down).
     An empty dict of shifts means the model is left as trained; `info["why"]` says why."""
     first = next(iter(logits.values()))
     n, c = first.shape
@@ -106,7 +108,7 @@ def estimate(logits: dict[str, Tensor], mask: Tensor, predict: list[str], *, kee
         return torch.bincount(z.argmax(1), minlength=c)
 
     base = counts(0.0)
-    need = torch.ceil(keep * base)
+    need = torch.ceil(keep * base) if round_up else torch.floor(keep * base)
     t = 1.0
     while t >= MIN_STRENGTH and not bool((counts(t) >= need).all()):
         t /= 2

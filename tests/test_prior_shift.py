@@ -78,7 +78,6 @@ def test_the_shift_is_weakened_until_every_class_keeps_three_quarters_of_its_pre
     assert bool((kept >= torch.ceil(ps.KEEP * base)).all())
 
 
-
 def test_a_class_predicted_twice_keeps_both_predictions():
     # 80 rows of class 0, 38 of class 1, and 2 the model gives class 2: one of them by a margin of 0.3 only, which
     # the full shift (+0.69 for class 0, -0.69 for class 2) would flip; three quarters of 2, rounded up, is 2
@@ -92,6 +91,7 @@ def test_a_class_predicted_twice_keeps_both_predictions():
     assert torch.bincount((logits + shift["net1"]).argmax(1), minlength=3)[2] == 2
     _, weaker = ps.estimate({"net1": logits}, torch.ones(120, 3), ["net1"], keep=0.5)  # keeps 1 of 2: no halving
     assert weaker["strength"] == 1.0
+
 
 def _long_tailed(path, *, shuffle_labels=False):
     from tests.annotated import make_annotated
