@@ -68,6 +68,13 @@ def test_accuracy(data):
           "--methods", "coreg,ce", cwd=data)
     table = (data / "acc.md").read_text()
     assert "## clean" in table and "Ceiling check" in table and "| coreg |" in table and "| ce |" in table
+    import json
+
+    from pipeline.prior_shift import RULE
+
+    saved = json.loads((data / "acc.json").read_text())
+    presets = {r["method"]: r["preset"] for r in (saved["results"] if isinstance(saved, dict) else saved)}
+    assert presets["coreg"]["prior_shift_rule"] == RULE and "prior_shift_rule" not in presets["ce"]  # guards retrain
     out = bench("accuracy.py", *common, "--settings", "clean;instance:shots=1", "--methods", "coreg,ce,kd",
                 "--table-only", cwd=data)
     assert "table written" in out and "| kd |" not in (data / "acc.md").read_text()  # nothing new was trained
@@ -77,8 +84,6 @@ def test_accuracy(data):
                 "--out", str(data / "acc2.md"), cwd=data)  # fmt: skip
     assert "test acc" not in out and "| coreg |" in (data / "acc2.md").read_text()
     # --table-only over committed runs made under other preset rules: shown and flagged, never retrained
-    import json
-
     saved = json.loads((data / "acc.json").read_text())
     for r in saved["results"] if isinstance(saved, dict) else saved:
         if r["method"] == "coreg":
