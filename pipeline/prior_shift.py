@@ -29,8 +29,8 @@ Guards, each chosen on the dev subsets of bench/accuracy.py (accuracy_notes.md ย
   and the estimate over-concentrates (effective 6.4-7.9 of 10 classes against the truth's 7.9); three quarters
   cost 0.85 there and still gains 1.1 points of accuracy at a user's budget (half: 1.8), measured by
   re-scoring the dev runs' saved networks (bench/prior_shift_probe.py, accuracy_notes.md ยง31). On other
-  images a class the model predicts only once or twice can still lose them (a class the run had all but lost:
-  1 of 20 test images, 1 of 9 runs of the 625-step dev folder);
+  images a class the model predicts only once or twice can still lose them (a class the run had all but lost,
+  predicted once on the test images: 1 of 9 runs at 625 steps, on the dev folder and on the held-out one);
 - `MIN_ROWS`: under 30 rows per class on average the estimate is noise; nothing is shifted.
 """
 
