@@ -2,8 +2,8 @@
 
     python bench/prior_shift_probe.py --group NAME=GLOB [--group NAME=GLOB ...] [--keep 0.5f,0.5,0.75] [--out FILE.md]
 
-GLOB: model folders of a `bench/accuracy.py --work` (several globs: comma-separated) (WORK/models/SETTING__SEED__coreg). The shift only moves
-each network's last bias (pipeline/prior_shift.py), so the networks are what training left: each model's
+GLOB: model folders of a `bench/accuracy.py --work` (WORK/models/SETTING__SEED__coreg; several globs
+comma-separated). The shift only moves each network's last bias (pipeline/prior_shift.py), so the networks are what training left: each model's
 logits on its annotated training and test images are computed once (the recorded shift taken off, from its
 config.json), and every keep share is applied to those logits. That is exact up to float rounding against
 training the same seed again (the training code is deterministic). Per group and keep share: the mean change
@@ -44,7 +44,8 @@ def logits_of(model_dir: str, cache: str | None = None) -> dict:
         if shift.get("applied"):
             per_net = {k: v - np.asarray(shift["logit_shift"][k], dtype=v.dtype) for k, v in per_net.items()}
         out[split], out[split + "_y"] = per_net, np.asarray(ds[split]["label"])
-    out["predict"] = list(per_net) if cfg["train_config"].get("predict_with", "ensemble") == "ensemble" else [cfg["train_config"]["predict_with"]]
+    with_ = model.config["predict_with"]  # the saved model's own rule (stages/train_checks.prediction_nets)
+    out["predict"] = list(model.nets) if with_ == "ensemble" else [with_]
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         cached.write_bytes(pickle.dumps(out))
@@ -53,13 +54,14 @@ def logits_of(model_dir: str, cache: str | None = None) -> dict:
 
 def score(d: dict, shift: dict) -> tuple[float, float, int]:
     """Test accuracy, balanced accuracy (%) and classes predicted, for the shifted prediction networks."""
+    from pipeline.metrics import accuracy, balanced_accuracy
+
     z = sum(d["test"][k] + (shift[k].numpy() if k in shift else 0) for k in d["predict"])
     pred, y = z.argmax(1), d["test_y"]
-    bal = np.mean([(pred[y == c] == c).mean() for c in np.unique(y)])
-    return 100 * float((pred == y).mean()), 100 * float(bal), len(np.unique(pred))
+    return 100 * accuracy(pred, y), 100 * balanced_accuracy(pred, y, z.shape[1]), len(np.unique(pred))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     import torch
 
     from pipeline import prior_shift as ps
@@ -69,7 +71,7 @@ def main() -> None:
     ap.add_argument("--keep", default="0.5f,0.5,0.75,0.9", help="keep shares to compare (comma-separated; 0.5f: rounded down)")
     ap.add_argument("--cache", help="a folder for the models' logits (computed once per model)")
     ap.add_argument("--out", help="also write the table to this markdown file")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     keeps = [(float(k.rstrip("f")), not k.endswith("f"), k) for k in args.keep.split(",")]
     lines = ["| dev runs | runs | unshifted acc. / bal. (%) | keep | Δ acc. mean (worst) | Δ bal. mean (worst) | fired | class lost on test |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip

@@ -147,8 +147,6 @@ def test_coreg_train_folds_the_shift_into_the_saved_bias_only_and_never_reads_th
     assert torch.allclose(ce_diff, expected, atol=1e-5)
     # bench/prior_shift_probe.py re-scores saved models: its logits, with the recorded shift taken off, give the
     # shift that training saved (so comparing guards on saved dev models is exact), and its table runs
-    import sys
-
     from bench import prior_shift_probe
 
     d = prior_shift_probe.logits_of(str(out))
@@ -158,11 +156,6 @@ def test_coreg_train_folds_the_shift_into_the_saved_bias_only_and_never_reads_th
     for n in ("net1", "net2"):
         assert torch.allclose(again[n], torch.tensor(info["logit_shift"][n]), atol=1e-4)
     table = tmp_path / "probe.md"
-    argv = ["prior_shift_probe.py", "--group", f"tiny={out}", "--keep", "0.5f,0.75", "--out", str(table)]
-    old_argv, sys.argv = sys.argv, argv
-    try:
-        prior_shift_probe.main()
-    finally:
-        sys.argv = old_argv
+    prior_shift_probe.main(["--group", f"tiny={out}", "--keep", "0.5f,0.75", "--out", str(table)])
     rows = [r for r in table.read_text().splitlines() if r.startswith("| tiny |")]
     assert len(rows) == 2 and "| 0.5f |" in rows[0] and "| 0.75 |" in rows[1]
