@@ -31,7 +31,8 @@ def test_default_preset_derives_from_data_size_and_device():
     assert c.proto_m == pytest.approx(1 - 0.001 * 25)  # the paper's refresh per epoch at 50k rows
     assert c.moco_m == pytest.approx(0.999 ** (195 / 32))
     assert c.queue_size == 328  # 16% of the rows, like 8192 of 50k
-    assert (c.division, c.epoch_steps, c.warmup_loss, c.partner_scores, c.mix_views) == ("class", "rows", "vlm-hard-net", "net", "weak")
+    assert (c.division, c.epoch_steps, c.warmup_loss, c.partner_scores) == ("class", "rows", "vlm-hard-net", "net")
+    assert c.mix_views == "strong"  # 1,216 steps: the paper's views (accuracy_notes.md §33)
     assert c.mixup_alpha == 0.1 and c.use_unlabeled is False  # bench/results/accuracy_dev_u_mixup.md
     assert c.prior_shift == "em"  # pipeline/prior_shift.py, accuracy_notes.md §30
     for method in ("dividemix", "alim"):  # the baselines that mix keep their papers' alpha under every preset
@@ -40,6 +41,15 @@ def test_default_preset_derives_from_data_size_and_device():
     g, _ = resolve(cfg(), n_rows=50_000, gpu=True)
     assert g.arch == "preact_resnet18" and g.batch_size == 256 and g.proto_m == pytest.approx(0.999)
     assert g.epochs == 205 and g.queue_size == 8192  # ceil(40000 / 196)
+
+
+def test_self_training_views_follow_the_run_length():
+    # STRONG_VIEWS_STEPS = 900: 28 epochs of 32 steps = 896 steps keep the weak views, 29 = 928 take the paper's
+    assert resolve(cfg(epochs=28), n_rows=2000, gpu=False)[0].mix_views == "weak"
+    assert resolve(cfg(epochs=29), n_rows=2000, gpu=False)[0].mix_views == "strong"
+    assert resolve(cfg(epochs=20), n_rows=2000, gpu=False)[0].mix_views == "weak"  # the 640-step tables
+    assert resolve(cfg(epochs=29, mix_views="weak"), n_rows=2000, gpu=False)[0].mix_views == "weak"  # explicit wins
+    assert resolve(cfg(), n_rows=50_000, gpu=True)[0].mix_views == "strong"
 
 
 def test_explicit_options_win_over_the_preset():
