@@ -191,7 +191,8 @@ def default_values(cfg, *, n_rows: int, gpu: bool, skew=None) -> dict:
     # the self-training views by run length: chosen on the dev subset of bench/accuracy.py (accuracy_dev*.md), never on a
     # reported one
     out.update(division="class", epoch_steps="rows", warmup_loss="vlm-hard-net", partner_scores="net")
-    out["mix_views"] = "strong" if e * steps >= STRONG_VIEWS_STEPS else "weak"  # accuracy_notes.md §33
+    # only Co-Reg reads mix_views; the others keep the value they always had, so their cached benchmark runs stay valid
+    out["mix_views"] = "strong" if cfg.method == "coreg" and e * steps >= STRONG_VIEWS_STEPS else "weak"  # notes §33
     if cfg.method == "coreg" and cfg.warmup_loss in (None, "") and very_weak(skew_value(skew)):
         # a very weak annotator that ranks its candidates (notes §20), the warm-up left to the preset: its recipe,
         # the soft warm-up and DivideMix's uniform prior penalty (both dev-chosen; a key absent here keeps PAPER's)
