@@ -45,9 +45,12 @@ so on small data they are re-derived to mean the same per unit of training, and 
   The paper's 50 of 800 epochs is 6%.
 - `mix_views`: the paper's strong self-training (mixup) and contrastive views (RandAugment + Cutout) on a run of
   at least STRONG_VIEWS_STEPS (900) optimiser steps, crop + flip (`weak`, not in the paper) on a shorter one. At
-  640 steps the strong views kept the mixup loss high and the network below its own P labels' accuracy (§6) and
-  cost 0.9 / 1.25 points held out (§18); at a user's 1,216 steps they scored +4.2 / +2.7 / +1.6 points on the
-  dev subset's very weak, weak and mid annotators (every seed) and -0.2 on its synthetic sets (§33).
+  640 steps the strong views kept the mixup loss high and the network below its own P labels' accuracy
+  (bench/results/accuracy_notes.md §6) and cost 0.9 / 1.25 points held out (§18), 1.55 / 1.9 on the dev subset
+  (§33); at a user's 1,216 steps they scored +4.2 / +2.7 / +1.6 points on the
+  dev subset's very weak, weak and mid annotators (every seed), +7.7 / +6.8 / +1.1 on the long-tailed dev folder,
+  and -0.2 on the synthetic sets (§33). Held out on the long tail: +9.3 / +8.0 / +2.5, but in 1 of 9 runs one
+  network stopped predicting the rarest class and the ensemble lost it (open, §33).
 - `mixup_alpha=0.1` (Co-Reg only; the baselines keep their published 4): Beta(0.1, 0.1) trains almost always on
   one image with a trace of another, where the paper's Beta(4, 4) blends two images nearly half and half. On a
   short run the heavy blend is a regulariser the student cannot afford: on 3 dev seeds x 3 settings 0.5 scored
