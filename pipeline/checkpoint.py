@@ -100,7 +100,7 @@ def check_resumable(out: Path, config: dict) -> dict:
             shown += f" and {len(diff) - 4} more"
         hint = ""
         if config.get("preset") == "default" and old.get("epochs") != config.get("epochs"):
-            hint = " (the default preset derives the schedule from --epochs: keep --epochs, or give these options explicitly)"
+            hint = " (the default preset derives the schedule and the self-training views from --epochs: keep --epochs, or give these options explicitly)"
         raise CoregError(
             f"{out}: the checkpoint was written with other options ({shown or ', '.join(diff)}){hint}; "
             "resume with the original options or train into a new OUT"

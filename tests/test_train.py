@@ -158,9 +158,9 @@ def test_ctrl_c_saves_the_epoch_and_resume_finishes(ann, tmp_path):
     import sys
 
     out = tmp_path / "m"
-    # the default preset derives the ramp, the delayed start and the cosine from --epochs: fix them, so that a
-    # resume with fewer epochs continues the same run
-    fixed = ["--lr-period", "800", "--rampup-epochs", "1", "--start-cont", "1"]
+    # the default preset derives the ramp, the delayed start, the cosine and the self-training views from --epochs:
+    # fix them, so that a resume with fewer epochs continues the same run
+    fixed = ["--lr-period", "800", "--rampup-epochs", "1", "--start-cont", "1", "--mix-views", "weak"]
     cmd = [sys.executable, "-m", "stages.cli", "train", str(ann), str(out), *TINY, *fixed, "--epochs", "200"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
