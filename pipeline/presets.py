@@ -47,9 +47,8 @@ so on small data they are re-derived to mean the same per unit of training, and 
   at least STRONG_VIEWS_STEPS (900) optimiser steps, crop + flip (`weak`, not in the paper) on a shorter one. At
   640 steps the strong views kept the mixup loss high and the network below its own P labels' accuracy
   (bench/results/accuracy_notes.md §6) and cost 0.9 / 1.25 points held out (§18), 1.55 / 1.9 on the dev subset
-  (§33); at a user's 1,216 steps they scored +4.2 / +2.7 / +1.6 points on the
-  dev subset's very weak, weak and mid annotators (every seed), +7.7 / +6.8 / +1.1 on the long-tailed dev folder,
-  and -0.2 on the synthetic sets (§33). Held out on the long tail: +9.3 / +8.0 / +2.5, but in 1 of 9 runs one
+  (§33); at a user's 1,216 steps they scored +4.2 / +2.7 / +1.6 points on the dev subset's very weak, weak and mid
+  annotators (every seed), +7.7 / +6.8 / +1.1 on the long-tailed dev folder, and -0.2 on the synthetic sets (§33). Held out on the long tail: +9.3 / +8.0 / +2.5, but in 1 of 9 runs one
   network stopped predicting the rarest class and the ensemble lost it (open, §33).
 - `mixup_alpha=0.1` (Co-Reg only; the baselines keep their published 4): Beta(0.1, 0.1) trains almost always on
   one image with a trace of another, where the paper's Beta(4, 4) blends two images nearly half and half. On a
@@ -70,7 +69,7 @@ so on small data they are re-derived to mean the same per unit of training, and 
   training-image predictions. On the long-tailed dev folder +1.1 points at a user's budget (9 of 9 runs up,
   every class kept) and +0.3 at 625 steps; on the balanced MNIST dev folders it did not fire (12 of 12), on
   the balanced CIFAR-10 one it fired once in 3 (-0.3 points there). Held out at a user's budget: +0.2 to +1.5 points on
-  the long-tailed means, every class kept; not fired on any of 14 balanced MNIST runs, but on 2 of 3 balanced
+  the long-tailed means, every class kept; not fired on any of 14 balanced MNIST runs (1 of 14 since the strong views, §33), but on 2 of 3 balanced
   CIFAR-10 runs with a weak student (-0.4 points in one). At 625 steps on the long tail it still cost the mid
   annotator 0.6 points and, in 1 of 9 runs, a rare class's single test prediction: open (bench/results/
   accuracy_notes.md §30-31). Not in the paper.
