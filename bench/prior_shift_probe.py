@@ -3,14 +3,15 @@
     python bench/prior_shift_probe.py --group NAME=GLOB [--group NAME=GLOB ...] [--keep 0.5f,0.5,0.75] [--out FILE.md]
 
 GLOB: model folders of a `bench/accuracy.py --work` (WORK/models/SETTING__SEED__coreg; several globs
-comma-separated). The shift only moves each network's last bias (pipeline/prior_shift.py), so the networks are what training left: each model's
-logits on its annotated training and test images are computed once (the recorded shift taken off, from its
-config.json), and every keep share is applied to those logits. That is exact up to float rounding against
-training the same seed again (the training code is deterministic). Per group and keep share: the mean change
-of test accuracy and balanced accuracy against the unshifted networks (with the worst run), the runs the
-shift fired on, and the runs whose final model predicts fewer classes on test than the unshifted one. True
-test labels score the guards; use dev subsets only (`--subset dev`), never a reported one. A keep share is
-rounded up, as training does; `0.5f` is half rounded down (the first rule). `--cache DIR` keeps the logits.
+comma-separated). The shift only moves each network's last bias (pipeline/prior_shift.py), so the networks are
+what training left: each model's logits on its annotated training and test images are computed once (the
+recorded shift taken off, from its config.json), and every keep share is applied to those logits. That is exact
+up to float rounding against training the same seed again (the training code is deterministic). Per group and
+keep share: the mean change of test accuracy and balanced accuracy against the unshifted networks (with the
+worst run), the runs the shift fired on, and the runs whose final model predicts fewer classes on test than the
+unshifted one. True test labels score the guards; use dev subsets only (`--subset dev`), never a reported one. A
+keep share is rounded up, as training does; `0.5f` is half rounded down (the first rule). `--cache DIR` keeps
+the logits.
 """
 
 from __future__ import annotations

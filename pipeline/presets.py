@@ -48,8 +48,9 @@ so on small data they are re-derived to mean the same per unit of training, and 
   640 steps the strong views kept the mixup loss high and the network below its own P labels' accuracy
   (bench/results/accuracy_notes.md §6) and cost 0.9 / 1.25 points held out (§18), 1.55 / 1.9 on the dev subset
   (§33); at a user's 1,216 steps they scored +4.2 / +2.7 / +1.6 points on the dev subset's very weak, weak and mid
-  annotators (every seed), +7.7 / +6.8 / +1.1 on the long-tailed dev folder, and -0.2 on the synthetic sets (§33). Held out on the long tail: +9.3 / +8.0 / +2.5, but in 1 of 9 runs one
-  network stopped predicting the rarest class and the ensemble lost it (open, §33).
+  annotators (every seed), +7.7 / +6.8 / +1.1 on the long-tailed dev folder, and -0.2 on the synthetic sets
+  (§33). Held out on the long tail: +9.3 / +8.0 / +2.5, but in 1 of 9 runs one network stopped predicting the
+  rarest class and the ensemble lost it (open, §33).
 - `mixup_alpha=0.1` (Co-Reg only; the baselines keep their published 4): Beta(0.1, 0.1) trains almost always on
   one image with a trace of another, where the paper's Beta(4, 4) blends two images nearly half and half. On a
   short run the heavy blend is a regulariser the student cannot afford: on 3 dev seeds x 3 settings 0.5 scored
@@ -68,9 +69,10 @@ so on small data they are re-derived to mean the same per unit of training, and 
   and leaves a folder that looks balanced as trained, weakened until every class keeps three quarters of its
   training-image predictions. On the long-tailed dev folder +1.1 points at a user's budget (9 of 9 runs up,
   every class kept) and +0.3 at 625 steps; on the balanced MNIST dev folders it did not fire (12 of 12), on
-  the balanced CIFAR-10 one it fired once in 3 (-0.3 points there). Held out at a user's budget: +0.2 to +1.5 points on
-  the long-tailed means, every class kept; not fired on any of 14 balanced MNIST runs (1 of 14 since the strong views, §33), but on 2 of 3 balanced
-  CIFAR-10 runs with a weak student (-0.4 points in one). At 625 steps on the long tail it still cost the mid
+  the balanced CIFAR-10 one it fired once in 3 (-0.3 points there). Held out at a user's budget: +0.2 to +1.5
+  points on the long-tailed means, every class kept; not fired on any of 14 balanced MNIST runs (1 of 14 since
+  the strong views, §33), but on 2 of 3 balanced CIFAR-10 runs with a weak student (-0.4 points in one; 3 of 3
+  since the strong views). At 625 steps on the long tail it still cost the mid
   annotator 0.6 points and, in 1 of 9 runs, a rare class's single test prediction: open (bench/results/
   accuracy_notes.md §30-31). Not in the paper.
 
@@ -117,8 +119,8 @@ SKEW_MIN_ROWS = 30  # ranked rows per class on average below which a rare class 
 # ramps its balancing over the warm-up and keeps half the run (a quarter lost every seed there, §28).
 WARMUP_STEPS = 320
 # the strong (paper) self-training views from this many optimiser steps per run, the weak ones below: between the
-# two budgets measured on the MNIST dev subset, 640 steps (weak won, accuracy_notes.md §6, §18, §33) and 1,216 (strong
-# won on every instance annotator, every seed, §33); about their geometric mean
+# two budgets measured on the MNIST dev subset, 640 steps (weak won, accuracy_notes.md §6, §18, §33) and 1,216
+# (strong won on every instance annotator, every seed, §33); about their geometric mean
 STRONG_VIEWS_STEPS = 900
 
 
