@@ -42,7 +42,7 @@ def logits_of(model_dir: str, cache: str | None = None) -> dict:
     out = {"mask": np.asarray(candidate_matrix(ds["train"]["candidates"], len(classes)), dtype=np.float64)}
     for split in ("train", "test"):
         per_net, _ = predict_rows(model, ds[split], range(len(ds[split])), batch_size=256, num_workers=0, progress=False)
-        if shift.get("applied"):
+        if shift.get("logit_shift"):  # the EM shift and/or the presence raise
             per_net = {k: v - np.asarray(shift["logit_shift"][k], dtype=v.dtype) for k, v in per_net.items()}
         out[split], out[split + "_y"] = per_net, np.asarray(ds[split]["label"])
     with_ = model.config["predict_with"]  # the saved model's own rule (stages/train_checks.prediction_nets)
@@ -62,6 +62,31 @@ def score(d: dict, shift: dict) -> tuple[float, float, int]:
     return 100 * accuracy(pred, y), 100 * balanced_accuracy(pred, y, z.shape[1]), len(np.unique(pred))
 
 
+def presence_rows(name: str, data: list, base: list, floors: list[float]) -> list[str]:
+    """One table row per presence floor: accuracy and balanced accuracy after the EM shift and the raise."""
+    import torch
+
+    from pipeline import prior_shift as ps
+
+    out = []
+    for f in floors:
+        rows = []
+        for d in data:
+            logits = {k: torch.from_numpy(v) for k, v in d["train"].items()}
+            mask = torch.from_numpy(d["mask"])
+            shift, _ = ps.estimate(logits, mask, d["predict"])
+            raised = {}
+            if f > 0:
+                shift, raised = ps.keep_present(logits, mask, d["predict"], shift, share=f)
+            rows.append((*score(d, shift), len(raised)))
+        acc, bal, cls = (np.array([r[i] for r in rows]) for i in range(3))
+        out.append(f"| {name} | {len(data)} | {np.mean([b[0] for b in base]):.1f} / {np.mean([b[1] for b in base]):.1f} | "
+                   f"{f:g} | {acc.mean():.2f} / {bal.mean():.2f} | {' '.join(f'{a:.1f}/{b:.1f}' for a, b in zip(acc, bal, strict=True))} | "
+                   f"{sum(r[3] > 0 for r in rows)} | {cls.min()} ({sum(cls < data[0]['mask'].shape[1])}) |")
+        print(out[-1], flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     import torch
 
@@ -70,12 +95,17 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--group", action="append", required=True, help="NAME=GLOB of model folders")
     ap.add_argument("--keep", default="0.5f,0.5,0.75,0.9", help="keep shares to compare (comma-separated; 0.5f: rounded down)")
+    ap.add_argument("--presence", help="instead of keep shares: presence floors to compare (comma-separated shares of a "
+                    "fair share; 0 = none), each after the EM shift at the default keep share")
     ap.add_argument("--cache", help="a folder for the models' logits (computed once per model)")
     ap.add_argument("--out", help="also write the table to this markdown file")
     args = ap.parse_args(argv)
     keeps = [(float(k.rstrip("f")), not k.endswith("f"), k) for k in args.keep.split(",")]
     lines = ["| dev runs | runs | unshifted acc. / bal. (%) | keep | Δ acc. mean (worst) | Δ bal. mean (worst) | fired | class lost on test |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    if args.presence:
+        lines = ["| dev runs | runs | unshifted acc. / bal. (%) | presence floor | acc. / bal. (%) | by run | raised | fewest classes on test (runs short) |",
+                 "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]  # fmt: skip
     for group in args.group:
         name, pattern = group.split("=", 1)
         dirs = sorted(d for p in pattern.split(",") for d in glob.glob(p))
@@ -83,6 +113,9 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--group {name}: no model folder matches {pattern}")
         data = [logits_of(m, args.cache) for m in dirs]
         base = [score(d, {}) for d in data]
+        if args.presence:
+            lines += presence_rows(name, data, base, [float(f) for f in args.presence.split(",")])
+            continue
         for keep, round_up, label in keeps:
             rows = []
             for d, b in zip(data, base, strict=True):

@@ -26,4 +26,11 @@ def prior_shift(method, ctx, model_config: dict, classes: list[str]):
               f"the saved model's logits lean towards that mix (strength {info['strength']:g}; --prior-shift off keeps the balanced model)")
     else:
         print(f"prior shift: none; {info['why']}")
+    shift, raised = ps.keep_present(logits, ctx.candidates.cpu(), predict, shift)
+    if raised:
+        info["raised"] = {classes[j]: v for j, v in raised.items()}
+        print(f"prior shift: raised {', '.join(f'{classes[j]} (+{v:.2f})' for j, v in raised.items())}, predicted for under "
+              f"{ps.PRESENCE:.0%} of a fair share of the training images: a listed class is taken as present (--prior-shift off keeps the model as trained)")
+    if shift:
+        info["logit_shift"] = {k: [round(float(v), 6) for v in d] for k, d in shift.items()}
     return shift, info

@@ -93,6 +93,35 @@ def test_a_class_predicted_twice_keeps_both_predictions():
     assert weaker["strength"] == 1.0
 
 
+def test_a_lost_class_is_raised_to_a_fifth_of_a_fair_share_on_the_rows_it_comes_closest_on():
+    # class 2 (60 of 660 rows) is out-voted everywhere: its logit sits 16 below the truth's, so nobody predicts it
+    logits, mask, y = gaussian_rows([300, 300, 60], sep=3.0)
+    logits[:, 2] -= 16.0
+    two = {"net1": logits, "net2": logits}
+    assert int(((2 * logits).argmax(1) == 2).sum()) == 0
+    shift, raised = ps.keep_present(two, mask, ["net1", "net2"], {})
+    need = int(np.ceil(ps.PRESENCE * 660 / 3))  # 44 rows
+    after = (2 * logits + shift["net1"] + shift["net2"]).argmax(1)
+    assert list(raised) == [2] and int((after == 2).sum()) == need
+    assert shift["net1"][2] == pytest.approx(raised[2] / 2) and shift["net1"][:2].abs().max() == 0  # half per network
+    assert (y[after == 2] == 2).float().mean() > 0.75  # the rows it gets back are mostly its own (9 % of all rows)
+    assert bool((after[(2 * logits).argmax(1) != after] == 2).all())  # no row moves between the other classes
+    # an EM shift passed in is kept and the raise added to it; a net outside the prediction gets no raise
+    base = {"net1": torch.tensor([0.1, 0.0, -0.1]), "net2": torch.tensor([0.2, 0.0, 0.0])}
+    shift1, raised1 = ps.keep_present(two, mask, ["net1"], base)
+    assert raised1 and torch.equal(shift1["net2"], base["net2"])
+    assert shift1["net1"][2] == pytest.approx(-0.1 + raised1[2]) and shift1["net1"][0] == pytest.approx(0.1)
+
+
+def test_present_classes_and_classes_the_annotation_leaves_out_are_not_raised():
+    logits, mask, _ = gaussian_rows([300, 300, 60], sep=3.0)
+    assert ps.keep_present({"net1": logits}, mask, ["net1"], {}) == ({}, {})  # every class predicted often enough
+    logits[:, 2] -= 6.0
+    mask[:, 2] = False
+    mask[:5, 2] = True  # class 2 is a candidate of 5 rows only, under the floor of 44
+    assert ps.keep_present({"net1": logits}, mask, ["net1"], {}) == ({}, {})
+
+
 def _long_tailed(path, *, shuffle_labels=False):
     from tests.annotated import make_annotated
 
@@ -143,19 +172,40 @@ def test_coreg_train_folds_the_shift_into_the_saved_bias_only_and_never_reads_th
     ce_saved = load_file(str(ce / "model.safetensors"))
     ce_trained = torch.load(ce / "checkpoint.pt", map_location="cpu", weights_only=True)["modules"]
     ce_diff = ce_saved["net1.fc.bias"] - ce_trained["net1"]["fc.bias"]
-    expected = torch.tensor(ce_info["logit_shift"]["net1"]) if ce_info["applied"] else torch.zeros(3)
+    expected = torch.tensor(ce_info["logit_shift"]["net1"]) if "logit_shift" in ce_info else torch.zeros(3)
     assert torch.allclose(ce_diff, expected, atol=1e-5)
     # bench/prior_shift_probe.py re-scores saved models: its logits, with the recorded shift taken off, give the
     # shift that training saved (so comparing guards on saved dev models is exact), and its table runs
     from bench import prior_shift_probe
 
     d = prior_shift_probe.logits_of(str(out))
-    again, again_info = ps.estimate({k: torch.from_numpy(v) for k, v in d["train"].items()}, torch.from_numpy(d["mask"]),
-                                    d["predict"])  # fmt: skip
-    assert again_info["strength"] == info["strength"]
+    logits = {k: torch.from_numpy(v) for k, v in d["train"].items()}
+    again, again_info = ps.estimate(logits, torch.from_numpy(d["mask"]), d["predict"])
+    again, raised = ps.keep_present(logits, torch.from_numpy(d["mask"]), d["predict"], again)
+    assert again_info["strength"] == info["strength"] and len(raised) == len(info.get("raised", {}))
     for n in ("net1", "net2"):
         assert torch.allclose(again[n], torch.tensor(info["logit_shift"][n]), atol=1e-4)
     table = tmp_path / "probe.md"
     prior_shift_probe.main(["--group", f"tiny={out}", "--keep", "0.5f,0.75", "--out", str(table)])
     rows = [r for r in table.read_text().splitlines() if r.startswith("| tiny |")]
     assert len(rows) == 2 and "| 0.5f |" in rows[0] and "| 0.75 |" in rows[1]
+
+
+def test_coreg_train_says_which_lost_class_it_raised_and_records_it(capsys):
+    # stages/train_shift.py on stand-in networks whose logits are the rows' own (the class-2 column 16 below the
+    # truth's, so nobody predicts class 2): the raise is printed, recorded and folded into the shift it returns
+    from types import SimpleNamespace
+
+    from stages.train_shift import prior_shift
+
+    logits, mask, _ = gaussian_rows([300, 300, 60], sep=3.0)
+    logits[:, 2] -= 16.0
+    method = SimpleNamespace(prediction_weights=lambda: {"net1.fc.bias": torch.zeros(3), "net2.fc.bias": torch.zeros(3)},
+                             predict_logits=lambda x, n: x)
+    ctx = SimpleNamespace(images=logits, candidates=mask, augment=SimpleNamespace(normalize=lambda x: x))
+    shift, info = prior_shift(method, ctx, {"train_config": {"predict_with": "ensemble"}}, ["zero", "one", "two"])
+    printed = capsys.readouterr().out
+    assert list(info["raised"]) == ["two"] and "raised two (+" in printed and "--prior-shift off" in printed
+    after = (2 * logits + shift["net1"] + shift["net2"]).argmax(1)
+    assert int((after == 2).sum()) == int(np.ceil(ps.PRESENCE * 660 / 3))
+    assert info["logit_shift"]["net2"] == pytest.approx(shift["net2"].tolist(), abs=1e-5)
