@@ -72,10 +72,12 @@ def _train_options(train_kwargs: dict, annotated: Path, model: Path) -> TrainCon
     return from_dict(TrainConfig, {**train_kwargs, "annotated": str(annotated), "out": str(model), "resume": False})
 
 
-def train_fingerprints(cfg: TrainConfig, data_fp: str) -> tuple[str, str]:
+def train_fingerprints(cfg: TrainConfig, data_fp: str, n_rows: int | None = None) -> tuple[str, str]:
     """(full, resume key): the full one decides "finished and unchanged"; the resume key leaves out the
-    options a checkpoint may be continued with (checkpoint.RESUME_FREE, e.g. more --epochs)."""
+    options a checkpoint may be continued with (checkpoint.RESUME_FREE, e.g. more --epochs). `n_rows`: the
+    annotated training rows, for the self-training views the default preset derives from the run length."""
     from pipeline.checkpoint import RESUME_FREE
+    from pipeline.presets import default_values
 
     opts = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in {"annotated", "out", "resume"}}
     resumable = {k: v for k, v in opts.items() if k not in RESUME_FREE}
@@ -83,7 +85,22 @@ def train_fingerprints(cfg: TrainConfig, data_fp: str) -> tuple[str, str]:
     if cfg.lr_period == 0 or (cfg.preset == "default" and any(getattr(cfg, k) is None for k in derived)):
         # the cosine (--lr-period 0) or the default preset's schedule follows the run length: other epochs, other run
         resumable["epochs"] = cfg.epochs
+    elif cfg.preset == "default" and cfg.method == "coreg" and not cfg.mix_views and n_rows and cfg.epochs:
+        # the views follow the run length (presets.STRONG_VIEWS_STEPS): more epochs that flip them cannot continue
+        # the checkpoint (coreg train would refuse), more epochs that keep them can
+        resumable["mix_views"] = default_values(cfg, n_rows=n_rows, gpu=False)["mix_views"]
     return fingerprint({"options": opts, "data": data_fp}), fingerprint({"options": resumable, "data": data_fp})
+
+
+def _train_rows(annotated: Path) -> int | None:
+    """The annotated training split's row count (memory-mapped, nothing decoded; None if unreadable: the train
+    stage itself then says what is wrong)."""
+    import datasets
+
+    try:
+        return datasets.load_from_disk(str(annotated / "train")).num_rows
+    except Exception:  # noqa: BLE001 - any unreadable folder: leave the message to the train stage
+        return None
 
 
 class RunState:
@@ -175,7 +192,7 @@ def run(*, annotate: AnnotateConfig, train_kwargs: dict, evaluate_kwargs: dict) 
         log.append(f"annotate: {how}")
 
     # --- train ----------------------------------------------------------------------------------------
-    t_fp, t_key = train_fingerprints(t_cfg, a_fp)
+    t_fp, t_key = train_fingerprints(t_cfg, a_fp, _train_rows(annotated))
     if state.done("train", t_fp) and (model / "config.json").is_file():
         log.append("train: kept (finished, options and data unchanged)")
     else:

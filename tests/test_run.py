@@ -179,6 +179,15 @@ def test_fingerprints_follow_options_and_files(tmp_path):
     assert run_stage.train_fingerprints(dataclasses.replace(short, epochs=900), "data")[1] != run_stage.train_fingerprints(short, "data")[1]
     default = TrainConfig(annotated="a", out="m")  # the default preset derives its schedule from --epochs
     assert run_stage.train_fingerprints(dataclasses.replace(default, epochs=900), "data")[1] != run_stage.train_fingerprints(default, "data")[1]
+    # the whole schedule given, the views left to the preset: more epochs continue the run while the views stay
+    # (640 rows at batch 32: 20 steps an epoch, strong from 900 steps), and start over once they flip
+    fixed = TrainConfig(annotated="a", out="m", batch_size=32, epochs=40, warmup_epochs=8, rampup_epochs=2, start_cont=2,
+                        gmm_history=1, lr_period=800)
+    key = run_stage.train_fingerprints(fixed, "data", 640)[1]
+    assert run_stage.train_fingerprints(dataclasses.replace(fixed, epochs=44), "data", 640)[1] == key  # 880 steps: weak
+    assert run_stage.train_fingerprints(dataclasses.replace(fixed, epochs=46), "data", 640)[1] != key  # 920: strong
+    pinned = dataclasses.replace(fixed, mix_views="weak")
+    assert run_stage.train_fingerprints(dataclasses.replace(pinned, epochs=46), "data", 640)[1] == run_stage.train_fingerprints(pinned, "data", 640)[1]
     synth = dataclasses.replace(cfg, annotator="synthetic")
     assert run_stage.annotate_fingerprint(dataclasses.replace(synth, seed=3), tmp_path / "out") != run_stage.annotate_fingerprint(synth, tmp_path / "out")
     (images / "cat" / "extra.png").write_bytes((images / "cat" / "0000.png").read_bytes())
