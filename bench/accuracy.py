@@ -115,6 +115,7 @@ def diagnostics(model: Path) -> dict:
     diag["acc_last_epoch"] = epochs[-1].get("test_acc") if epochs else None
     shift = json.loads((model / "config.json").read_text()).get("prior_shift")
     diag["prior_shift_applied"] = None if shift is None else bool(shift.get("applied"))
+    diag["classes_raised"] = None if shift is None else len(shift.get("raised", {}))  # the presence floor's raise
     for k in ("n_p", "n_u", "n_u_used", "diag_pseudo_acc_p", "diag_pseudo_acc_u", "diag_p_valid", "diag_p_clean"):
         vals = [epochs[-1][f"{n}/{k}"] for n in ("net1", "net2") if f"{n}/{k}" in epochs[-1]]
         diag[k] = sum(vals) / len(vals) if vals else None

@@ -76,6 +76,8 @@ def test_accuracy(data):
     presets = {r["method"]: r["preset"] for r in saved}  # bench/accuracy.py writes a list of results
     assert presets["coreg"]["prior_shift_rule"] == RULE  # a change of the shift's guards retrains
     assert "prior_shift_rule" not in (presets["ce"] or {})  # the baselines run --preset paper: no fingerprint
+    coreg = [r for r in saved if r["method"] == "coreg" and r.get("diag")]
+    assert coreg and all(isinstance(r["diag"]["classes_raised"], int) for r in coreg) and "(raised: " in table
     out = bench("accuracy.py", *common, "--settings", "clean;instance:shots=1", "--methods", "coreg,ce,kd",
                 "--table-only", cwd=data)
     assert "table written" in out and "| kd |" not in (data / "acc.md").read_text()  # nothing new was trained
