@@ -50,6 +50,11 @@ def test_self_training_views_follow_the_run_length():
     assert resolve(cfg(epochs=20), n_rows=2000, gpu=False)[0].mix_views == "weak"  # the 640-step tables
     assert resolve(cfg(epochs=29, mix_views="weak"), n_rows=2000, gpu=False)[0].mix_views == "weak"  # explicit wins
     assert resolve(cfg(), n_rows=50_000, gpu=True)[0].mix_views == "strong"
+    # the very weak recipe takes the strong views at any length (notes §35), unless the warm-up or views are given
+    very = (0.1, 0, 0.2)
+    assert resolve(cfg(epochs=20), n_rows=2000, gpu=False, skew=very)[0].mix_views == "strong"
+    assert resolve(cfg(epochs=20, warmup_loss="vlm-hard-net"), n_rows=2000, gpu=False, skew=very)[0].mix_views == "weak"
+    assert resolve(cfg(epochs=20, mix_views="weak"), n_rows=2000, gpu=False, skew=very)[0].mix_views == "weak"
 
 
 def test_explicit_options_win_over_the_preset():
