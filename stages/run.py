@@ -87,7 +87,9 @@ def train_fingerprints(cfg: TrainConfig, data_fp: str, n_rows: int | None = None
         resumable["epochs"] = cfg.epochs
     elif cfg.preset == "default" and cfg.method == "coreg" and not cfg.mix_views and n_rows and cfg.epochs:
         # the views follow the run length (presets.STRONG_VIEWS_STEPS): more epochs that flip them cannot continue
-        # the checkpoint (coreg train would refuse), more epochs that keep them can
+        # the checkpoint (coreg train would refuse), more epochs that keep them can. The very weak recipe (strong
+        # views at any length) reads the whole annotation, so it is not derived here: for its runs a crossing of
+        # STRONG_VIEWS_STEPS starts over although the views stay strong (the safe side)
         resumable["mix_views"] = default_values(cfg, n_rows=n_rows, gpu=False)["mix_views"]
     return fingerprint({"options": opts, "data": data_fp}), fingerprint({"options": resumable, "data": data_fp})
 
