@@ -103,7 +103,7 @@ def resolve_preset(cfg: TrainConfig, *, n_rows: int, quiet: bool = False, skew=N
                   f"share of the images (under a third) while it ranks its candidates (mean margin {skew[2]:.2f}), so the "
                   f"warm-up is vlm-net-soft (the network's own prediction shares the targets) and the prior penalty "
                   f"{cfg.prior_penalty:g}; both pull towards equal class shares, so if {name!r} is truly that rare in your "
-                  f"images, --warmup-loss vlm-hard-net keeps more accuracy on the common classes (and may drop the rare one)",
+                  f"images, --warmup-loss vlm-hard-net may keep more accuracy on the common classes (the prior shift keeps the rare one either way; it won on the long-tailed dev folder's weak annotator and lost on its very weak one, accuracy_notes.md §36)",
                   flush=True)  # fmt: skip
     return cfg
 
