@@ -68,16 +68,16 @@ def presence_rows(name: str, data: list, base: list, floors: list[float]) -> lis
 
     from pipeline import prior_shift as ps
 
+    shifted = []  # the EM shift does not depend on the floor: estimated once per model
+    for d in data:
+        logits = {k: torch.from_numpy(v) for k, v in d["train"].items()}
+        mask = torch.from_numpy(d["mask"])
+        shifted.append((logits, mask, ps.estimate(logits, mask, d["predict"])[0]))
     out = []
     for f in floors:
         rows = []
-        for d in data:
-            logits = {k: torch.from_numpy(v) for k, v in d["train"].items()}
-            mask = torch.from_numpy(d["mask"])
-            shift, _ = ps.estimate(logits, mask, d["predict"])
-            raised = {}
-            if f > 0:
-                shift, raised = ps.keep_present(logits, mask, d["predict"], shift, share=f)
+        for d, (logits, mask, em) in zip(data, shifted, strict=True):
+            shift, raised = ps.keep_present(logits, mask, d["predict"], em, share=f) if f > 0 else (em, {})
             rows.append((*score(d, shift), len(raised)))
         acc, bal, cls = (np.array([r[i] for r in rows]) for i in range(3))
         out.append(f"| {name} | {len(data)} | {np.mean([b[0] for b in base]):.1f} / {np.mean([b[1] for b in base]):.1f} | "

@@ -76,8 +76,9 @@ so on small data they are re-derived to mean the same per unit of training, and 
   points on the long-tailed means, every class kept; not fired on any of 14 balanced MNIST runs (1 of 14 since
   the strong views, §33), but on 2 of 3 balanced CIFAR-10 runs with a weak student (-0.4 points in one; 3 of 3
   since the strong views). At 625 steps on the long tail it still cost the mid
-  annotator 0.6 points and, in 1 of 9 runs, a rare class's single test prediction: open (bench/results/
-  accuracy_notes.md §30-31). Not in the paper.
+  annotator 0.6 points and, in 1 of 9 runs, a rare class's single test prediction (bench/results/
+  accuracy_notes.md §30-31), which the presence floor of pipeline/prior_shift.py now gives back (§34). Not in
+  the paper.
 
 Measured and not adopted (each stays an option, the default keeps the paper's value): `partner_scores=vlm`
 (the annotator's probabilities in the partner's P scores: −0.1 / −0.0 points when switched back, 3 seeds,

@@ -72,10 +72,11 @@ def _train_options(train_kwargs: dict, annotated: Path, model: Path) -> TrainCon
     return from_dict(TrainConfig, {**train_kwargs, "annotated": str(annotated), "out": str(model), "resume": False})
 
 
-def train_fingerprints(cfg: TrainConfig, data_fp: str, n_rows: int | None = None) -> tuple[str, str]:
+def train_fingerprints(cfg: TrainConfig, data_fp: str, n_rows=None) -> tuple[str, str]:
     """(full, resume key): the full one decides "finished and unchanged"; the resume key leaves out the
     options a checkpoint may be continued with (checkpoint.RESUME_FREE, e.g. more --epochs). `n_rows`: the
-    annotated training rows, for the self-training views the default preset derives from the run length."""
+    annotated training rows, for the self-training views the default preset derives from the run length; the
+    count itself or a function returning it, called only when the views are left to the preset."""
     from pipeline.checkpoint import RESUME_FREE
     from pipeline.presets import default_values
 
@@ -85,7 +86,8 @@ def train_fingerprints(cfg: TrainConfig, data_fp: str, n_rows: int | None = None
     if cfg.lr_period == 0 or (cfg.preset == "default" and any(getattr(cfg, k) is None for k in derived)):
         # the cosine (--lr-period 0) or the default preset's schedule follows the run length: other epochs, other run
         resumable["epochs"] = cfg.epochs
-    elif cfg.preset == "default" and cfg.method == "coreg" and not cfg.mix_views and n_rows and cfg.epochs:
+    elif cfg.preset == "default" and cfg.method == "coreg" and not cfg.mix_views and cfg.epochs and (
+            n_rows := n_rows() if callable(n_rows) else n_rows):
         # the views follow the run length (presets.STRONG_VIEWS_STEPS): more epochs that flip them cannot continue
         # the checkpoint (coreg train would refuse), more epochs that keep them can. The very weak recipe (strong
         # views at any length) reads the whole annotation, so it is not derived here: for its runs a crossing of
@@ -194,7 +196,7 @@ def run(*, annotate: AnnotateConfig, train_kwargs: dict, evaluate_kwargs: dict) 
         log.append(f"annotate: {how}")
 
     # --- train ----------------------------------------------------------------------------------------
-    t_fp, t_key = train_fingerprints(t_cfg, a_fp, _train_rows(annotated))
+    t_fp, t_key = train_fingerprints(t_cfg, a_fp, lambda: _train_rows(annotated))  # read only when needed
     if state.done("train", t_fp) and (model / "config.json").is_file():
         log.append("train: kept (finished, options and data unchanged)")
     else:

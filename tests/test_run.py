@@ -186,6 +186,8 @@ def test_fingerprints_follow_options_and_files(tmp_path):
     key = run_stage.train_fingerprints(fixed, "data", 640)[1]
     assert run_stage.train_fingerprints(dataclasses.replace(fixed, epochs=44), "data", 640)[1] == key  # 880 steps: weak
     assert run_stage.train_fingerprints(dataclasses.replace(fixed, epochs=46), "data", 640)[1] != key  # 920: strong
+    assert run_stage.train_fingerprints(fixed, "data", lambda: 640)[1] == key  # the row count read lazily
+    assert run_stage.train_fingerprints(train, "data", lambda: 1 / 0) == (full, run_stage.train_fingerprints(train, "data")[1])  # not read
     pinned = dataclasses.replace(fixed, mix_views="weak")
     assert run_stage.train_fingerprints(dataclasses.replace(pinned, epochs=46), "data", 640)[1] == run_stage.train_fingerprints(pinned, "data", 640)[1]
     synth = dataclasses.replace(cfg, annotator="synthetic")
