@@ -6,7 +6,8 @@ annotate fingerprint; for evaluate: the train fingerprint). Re-running the same 
 
 - keeps a finished stage whose fingerprint is unchanged;
 - continues an interrupted stage: annotate resumes by itself from its shard cache, train with `resume=True`
-  from OUT/model/checkpoint.pt when that checkpoint was written with the same result-relevant options;
+  from OUT/model/checkpoint.pt of the same annotation wherever `coreg train --resume` would accept it (the
+  options of the epochs already run unchanged, as the preset resolves them; see `resumable`);
 - redoes a stage whose options or input changed, after removing its old output (and then every later stage,
   because their input fingerprints change with it).
 """
@@ -14,6 +15,7 @@ annotate fingerprint; for evaluate: the train fingerprint). Re-running the same 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -72,39 +74,30 @@ def _train_options(train_kwargs: dict, annotated: Path, model: Path) -> TrainCon
     return from_dict(TrainConfig, {**train_kwargs, "annotated": str(annotated), "out": str(model), "resume": False})
 
 
-def train_fingerprints(cfg: TrainConfig, data_fp: str, n_rows=None) -> tuple[str, str]:
-    """(full, resume key): the full one decides "finished and unchanged"; the resume key leaves out the
-    options a checkpoint may be continued with (checkpoint.RESUME_FREE, e.g. more --epochs). `n_rows`: the
-    annotated training rows, for the self-training views the default preset derives from the run length; the
-    count itself or a function returning it, called only when the views are left to the preset."""
-    from pipeline.checkpoint import RESUME_FREE
-    from pipeline.presets import default_values
-
+def train_fingerprint(cfg: TrainConfig, data_fp: str) -> str:
+    """Decides "finished and unchanged": every option that can change the model, and the annotation."""
     opts = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in {"annotated", "out", "resume"}}
-    resumable = {k: v for k, v in opts.items() if k not in RESUME_FREE}
-    derived = ("warmup_epochs", "rampup_epochs", "start_cont", "gmm_history", "lr_period")
-    if cfg.lr_period == 0 or (cfg.preset == "default" and any(getattr(cfg, k) is None for k in derived)):
-        # the cosine (--lr-period 0) or the default preset's schedule follows the run length: other epochs, other run
-        resumable["epochs"] = cfg.epochs
-    elif cfg.preset == "default" and cfg.method == "coreg" and not cfg.mix_views and cfg.epochs and (
-            n_rows := n_rows() if callable(n_rows) else n_rows):
-        # the views follow the run length (presets.STRONG_VIEWS_STEPS): more epochs that flip them cannot continue
-        # the checkpoint (coreg train would refuse), more epochs that keep them can. The very weak recipe (strong
-        # views at any length) reads the whole annotation, so it is not derived here: for its runs a crossing of
-        # STRONG_VIEWS_STEPS starts over although the views stay strong (the safe side)
-        resumable["mix_views"] = default_values(cfg, n_rows=n_rows, gpu=False)["mix_views"]
-    return fingerprint({"options": opts, "data": data_fp}), fingerprint({"options": resumable, "data": data_fp})
+    return fingerprint({"options": opts, "data": data_fp})
 
 
-def _train_rows(annotated: Path) -> int | None:
-    """The annotated training split's row count (memory-mapped, nothing decoded; None if unreadable: the train
-    stage itself then says what is wrong)."""
-    import datasets
+def resumable(cfg: TrainConfig, annotated: Path, model: Path) -> bool:
+    """Would `coreg train --resume` continue MODEL's checkpoint with these options? The same question train asks
+    (pipeline/checkpoint.check_resumable) of the same resolved options: the preset's values as train derives them
+    (from the row count, the run length and the annotation's skew), so a run continues exactly when train can
+    continue it, and starts over (never fails) when train would refuse."""
+    from pipeline.checkpoint import CHECKPOINT, check_resumable
+    from pipeline.schema import load_annotated
+    from stages.train import annotation_skew, resolve_preset, resolved_config
 
+    if not (model / CHECKPOINT).is_file():
+        return False
     try:
-        return datasets.load_from_disk(str(annotated / "train")).num_rows
-    except Exception:  # noqa: BLE001 - any unreadable folder: leave the message to the train stage
-        return None
+        train_ds = load_annotated(annotated, stage="coreg run", check_rows=False)[0]["train"]
+        full = resolve_preset(cfg, n_rows=len(train_ds), quiet=True, skew=functools.cache(lambda: annotation_skew(train_ds)))
+        check_resumable(model, resolved_config(full, train_ds))
+    except CoregError:  # other options (or an unreadable checkpoint): train from scratch
+        return False
+    return True
 
 
 class RunState:
@@ -196,20 +189,22 @@ def run(*, annotate: AnnotateConfig, train_kwargs: dict, evaluate_kwargs: dict) 
         log.append(f"annotate: {how}")
 
     # --- train ----------------------------------------------------------------------------------------
-    t_fp, t_key = train_fingerprints(t_cfg, a_fp, lambda: _train_rows(annotated))  # read only when needed
+    t_fp = train_fingerprint(t_cfg, a_fp)
     if state.done("train", t_fp) and (model / "config.json").is_file():
         log.append("train: kept (finished, options and data unchanged)")
     else:
         from pipeline.checkpoint import CHECKPOINT
 
-        rec = state.get("train")
-        resume = rec.get("resume_key") == t_key and (model / CHECKPOINT).is_file()
+        # a checkpoint of the same annotation, continued where train would continue it
+        had = state.get("train").get("data") == a_fp and (model / CHECKPOINT).is_file()
+        resume = had and resumable(t_cfg, annotated, model)
         if main and not resume:
             _remove(model)  # a different run or no checkpoint: train from scratch into an empty folder
         dist.wait_for_everyone()
         cfg = dataclasses.replace(t_cfg, resume=resume)
-        _stage(state, main, dist, "train", t_fp, lambda: train_stage.run(cfg), resume_key=t_key)
-        log.append("train: resumed from its checkpoint" if resume else "train: done")
+        _stage(state, main, dist, "train", t_fp, lambda: train_stage.run(cfg), data=a_fp)
+        how = "resumed from its checkpoint" if resume else "started over (its checkpoint was written with other options)" if had else "done"
+        log.append(f"train: {how}")
 
     # --- evaluate -------------------------------------------------------------------------------------
     e_cfg, note = _evaluate_options(evaluate_kwargs, annotated, model, report)

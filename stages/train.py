@@ -108,6 +108,19 @@ def resolve_preset(cfg: TrainConfig, *, n_rows: int, quiet: bool = False, skew=N
     return cfg
 
 
+def resolved_config(cfg: TrainConfig, train_ds) -> dict:
+    """The options as this run uses them (the preset already filled), with the image size and the mixed precision
+    resolved: what config.json records and a checkpoint is checked against (also by `coreg run`'s resume)."""
+    import torch
+
+    from pipeline.data import default_image_size
+
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and not cfg.cpu else "no"
+    return {**dataclasses.asdict(cfg), "image_size": cfg.image_size or default_image_size(train_ds), "mixed_precision": mp}
+
+
 def run(cfg: TrainConfig) -> Path:
     """Disk → disk: ANNOTATED → OUT (model directory)."""
     check_options(cfg)  # before the data: options left unset (None / "") are checked once the preset filled them
@@ -136,16 +149,16 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
 
     from pipeline import checkpoint as ckpt
     from pipeline.augment import BatchAugment
-    from pipeline.data import PREPROCESSING, channel_stats, decode_images, default_image_size
+    from pipeline.data import PREPROCESSING, channel_stats, decode_images
     from pipeline.model_io import library_versions, save_model
     from pipeline.networks import build_student
     from pipeline.training import Context, sync_buffers
 
     out = Path(cfg.out)
-    mp = cfg.mixed_precision
+    train_ds = dsd["train"]
+    resolved = resolved_config(cfg, train_ds)
+    mp, size = resolved["mixed_precision"], resolved["image_size"]
     gpu = torch.cuda.is_available() and not cfg.cpu
-    if mp == "auto":
-        mp = "bf16" if gpu else "no"
     if mp == "fp16" and not gpu:
         raise CoregError("--mixed-precision fp16 needs a GPU; use bf16 or no on CPU")
     accelerator = Accelerator(
@@ -153,8 +166,6 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
     )
     main = accelerator.is_main_process
     device = accelerator.device
-    train_ds = dsd["train"]
-    size = cfg.image_size or default_image_size(train_ds)
     num_classes = len(classes)
 
     def make_net():
@@ -197,7 +208,6 @@ def train(cfg: TrainConfig, dsd, classes: list[str], method_module) -> Path:
         accelerator.backward(loss)
         if accelerator.num_processes > 1:
             average_grads(trainables, accelerator)
-    resolved = {**dataclasses.asdict(cfg), "image_size": size, "mixed_precision": mp}
     start = 0
     if cfg.resume and (out / ckpt.CHECKPOINT).exists():
         start = ckpt.restore(ckpt.check_resumable(out, resolved), method, scaler=accelerator.scaler)

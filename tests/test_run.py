@@ -92,9 +92,10 @@ def test_labeled_folder_then_resume_keep_and_redo(tmp_path, clip, monkeypatch):
     # 4. a changed training option redoes train (from scratch) and evaluate, not annotate
     res = coreg_run(images, out, clip, "--epochs", "3", "--seed", "1")
     assert res.exit_code == 0, res.output
-    assert "annotate: kept" in res.output and "train: done" in res.output
+    assert "annotate: kept" in res.output and "train: started over (its checkpoint was written with other options)" in res.output
     assert (out / "annotated/dataset_dict.json").stat().st_mtime_ns == before["annotated/dataset_dict.json"]
     assert json.loads((out / "model" / "config.json").read_text())["seed"] == 1
+    assert [json.loads(x)["epoch"] for x in (out / "model" / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
 
     # 5. a changed annotate option redoes everything
     res = coreg_run(images, out, clip, "--epochs", "3", "--seed", "1", "--candidates", "topk:2")
@@ -127,6 +128,39 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, clip, monkey
     assert (out / "annotated/dataset_dict.json").stat().st_mtime_ns == annotated
     epochs = [json.loads(x)["epoch"] for x in (out / "model" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1]
+
+
+def test_run_continues_a_checkpoint_exactly_where_train_would(tmp_path, clip, monkeypatch):
+    # `coreg run` asks train's own question (pipeline/checkpoint.check_resumable, of the preset-resolved options):
+    # an option Co-Reg reads only after the warm-up may change while the checkpoint is still in it, so the run
+    # continues (a key of the given options restarted it); a changed seed shaped the epochs run: it starts over
+    images = make_image_folder(tmp_path / "imgs", classes=CLASSES, n_per_class=6, size=16, split=("train", "test"))
+    out = tmp_path / "out"
+    from pipeline import checkpoint
+
+    real = checkpoint.save_checkpoint
+
+    def save_then_stop(out_dir, *, epoch, method, config, scaler=None):
+        real(out_dir, epoch=epoch, method=method, config=config, scaler=scaler)
+        raise KeyboardInterrupt  # killed after the first epoch, the warm-up's only one (TINY: --warmup-epochs 1)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_stop)
+    assert coreg_run(images, out, clip).exit_code == 130
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real)
+    res = coreg_run(images, out, clip, "--p-threshold", "0.6")
+    assert res.exit_code == 0, res.output
+    assert "train: resumed from its checkpoint" in res.output and "at epoch 1" in res.output
+    epochs = [json.loads(x)["epoch"] for x in (out / "model" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1]
+    assert json.loads((out / "model" / "config.json").read_text())["train_config"]["p_threshold"] == 0.6
+    res = coreg_run(images, out, clip, "--p-threshold", "0.6", "--epochs", "3")  # more epochs continue the run
+    assert res.exit_code == 0, res.output
+    assert "train: resumed from its checkpoint" in res.output and "at epoch 2" in res.output
+    res = coreg_run(images, out, clip, "--p-threshold", "0.7", "--epochs", "3")  # read by the epochs run: refused
+    assert res.exit_code == 0, res.output
+    assert "train: started over (its checkpoint was written with other options)" in res.output
+    epochs = [json.loads(x)["epoch"] for x in (out / "model" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2] and "resuming" not in res.output
 
 
 def test_flat_folder_runs_without_labels_and_says_so(tmp_path, clip):
@@ -170,26 +204,11 @@ def test_fingerprints_follow_options_and_files(tmp_path):
     assert run_stage.annotate_fingerprint(dataclasses.replace(cfg, seed=3), tmp_path / "out") == fp  # CLIP ignores it
     from pipeline.config import TrainConfig
 
-    train = TrainConfig(annotated="a", out="m", preset="paper")  # the paper's schedule does not follow --epochs
-    full, key = run_stage.train_fingerprints(train, "data")
-    more = run_stage.train_fingerprints(dataclasses.replace(train, epochs=900), "data")
-    assert more[0] != full and more[1] == key  # more epochs: a different run that can continue this one
-    assert run_stage.train_fingerprints(train, "other data") != (full, key)
-    short = dataclasses.replace(train, lr_period=0)  # the schedule follows the run length: not resumable
-    assert run_stage.train_fingerprints(dataclasses.replace(short, epochs=900), "data")[1] != run_stage.train_fingerprints(short, "data")[1]
-    default = TrainConfig(annotated="a", out="m")  # the default preset derives its schedule from --epochs
-    assert run_stage.train_fingerprints(dataclasses.replace(default, epochs=900), "data")[1] != run_stage.train_fingerprints(default, "data")[1]
-    # the whole schedule given, the views left to the preset: more epochs continue the run while the views stay
-    # (640 rows at batch 32: 20 steps an epoch, strong from 900 steps), and start over once they flip
-    fixed = TrainConfig(annotated="a", out="m", batch_size=32, epochs=40, warmup_epochs=8, rampup_epochs=2, start_cont=2,
-                        gmm_history=1, lr_period=800)
-    key = run_stage.train_fingerprints(fixed, "data", 640)[1]
-    assert run_stage.train_fingerprints(dataclasses.replace(fixed, epochs=44), "data", 640)[1] == key  # 880 steps: weak
-    assert run_stage.train_fingerprints(dataclasses.replace(fixed, epochs=46), "data", 640)[1] != key  # 920: strong
-    assert run_stage.train_fingerprints(fixed, "data", lambda: 640)[1] == key  # the row count read lazily
-    assert run_stage.train_fingerprints(train, "data", lambda: 1 / 0) == (full, run_stage.train_fingerprints(train, "data")[1])  # not read
-    pinned = dataclasses.replace(fixed, mix_views="weak")
-    assert run_stage.train_fingerprints(dataclasses.replace(pinned, epochs=46), "data", 640)[1] == run_stage.train_fingerprints(pinned, "data", 640)[1]
+    train = TrainConfig(annotated="a", out="m")
+    full = run_stage.train_fingerprint(train, "data")
+    assert run_stage.train_fingerprint(dataclasses.replace(train, epochs=900), "data") != full
+    assert run_stage.train_fingerprint(dataclasses.replace(train, resume=True, out="elsewhere"), "data") == full
+    assert run_stage.train_fingerprint(train, "other data") != full
     synth = dataclasses.replace(cfg, annotator="synthetic")
     assert run_stage.annotate_fingerprint(dataclasses.replace(synth, seed=3), tmp_path / "out") != run_stage.annotate_fingerprint(synth, tmp_path / "out")
     (images / "cat" / "extra.png").write_bytes((images / "cat" / "0000.png").read_bytes())
