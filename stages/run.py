@@ -85,17 +85,15 @@ def resumable(cfg: TrainConfig, annotated: Path, model: Path) -> bool:
     (pipeline/checkpoint.check_resumable) of the same resolved options: the preset's values as train derives them
     (from the row count, the run length and the annotation's skew), so a run continues exactly when train can
     continue it, and starts over (never fails) when train would refuse."""
-    from pipeline.checkpoint import CHECKPOINT, check_resumable
+    from pipeline.checkpoint import check_resumable
     from pipeline.schema import load_annotated
     from stages.train import annotation_skew, resolve_preset, resolved_config
 
-    if not (model / CHECKPOINT).is_file():
-        return False
     try:
         train_ds = load_annotated(annotated, stage="coreg run", check_rows=False)[0]["train"]
         full = resolve_preset(cfg, n_rows=len(train_ds), quiet=True, skew=functools.cache(lambda: annotation_skew(train_ds)))
         check_resumable(model, resolved_config(full, train_ds))
-    except CoregError:  # other options (or an unreadable checkpoint): train from scratch
+    except CoregError:  # other options, no checkpoint or an unreadable one: train from scratch
         return False
     return True
 
