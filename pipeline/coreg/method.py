@@ -26,6 +26,7 @@ from pipeline.coreg.division import (
     distribution_align,
     division_loss,
     gmm_clean_prob,
+    keep_lost_classes,
     masked_scores,
     minmax,
     prediction_balance,
@@ -176,7 +177,12 @@ class CoReg(TwoNetworks):
         else:
             w = torch.as_tensor(gmm_clean_prob(loss.cpu().numpy(), seed=seed))
         p_mask, w = split(w.to(ctx.device).float(), threshold=self.cfg.p_threshold, forced_clean=ctx.trusted)
-        return {"w": w, "p": p_mask, "scores": scores, "counts": counts, "mean": mean, "raw": raw}
+        kept = 0
+        if self.cfg.keep_classes > 0:  # not in any paper: a class this network lost is taught from the annotator
+            inset = ranked_targets(ctx.vlm_probs, cand)
+            scores, w, p_mask, kept = keep_lost_classes(scores, w, p_mask, inset.argmax(1), top_targets(inset).amax(1) == 1,
+                                                        floor=self.cfg.keep_classes)
+        return {"w": w, "p": p_mask, "scores": scores, "counts": counts, "mean": mean, "raw": raw, "kept": kept}
 
     def _train(self, epoch, i, n, partner, div, own, ctx) -> dict[str, float]:
         cfg, dist = self.cfg, ctx.dist
@@ -233,7 +239,7 @@ class CoReg(TwoNetworks):
         teacher.train(was)
         m = mean_over(sums, n_steps, ctx)
         m.update({"n_p": float(p_rows.numel()), "n_u": float(ctx.n - p_rows.numel()), "n_u_used": float(u_rows.numel()),
-                  "mean_w": float(div["w"].mean())})
+                  "mean_w": float(div["w"].mean()), "kept_classes": float(div["kept"])})
         if ctx.diag_label is not None:  # diagnostics only: never used for training or selection
             hits = dist.all_reduce_sum(hits)
             if hits[1] > 0:
