@@ -172,25 +172,26 @@ def test_keep_lost_classes_teaches_only_a_class_the_network_lost_from_the_annota
     from pipeline.coreg.division import keep_lost_classes
 
     # 8 rows, 3 classes. The annotator ranks class 2 first on rows 5-7 (and row 4 is tied: no class named);
-    # the network picks class 2 for none of them: class 2 is lost, classes 0 and 1 are not
+    # the network predicts class 2 for none of the training rows: class 2 is lost, classes 0 and 1 are not
     annotator_top = torch.tensor([0, 0, 1, 1, 2, 2, 2, 2])
     ranked = torch.tensor([True, True, True, True, False, True, True, True])
     scores = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.2, 0.0], [0.1, 0.9, 0.0], [0.2, 0.8, 0.0],
                            [0.5, 0.5, 0.0], [0.6, 0.4, 0.0], [0.3, 0.7, 0.0], [0.7, 0.3, 0.0]])
+    counts = torch.tensor([5.0, 3.0, 0.0])
     w = torch.full((8,), 0.3)
     p = torch.zeros(8, dtype=torch.bool)
-    s2, w2, p2, kept = keep_lost_classes(scores, w, p, annotator_top, ranked, floor=0.2)
+    s2, w2, p2, kept = keep_lost_classes(scores, w, p, counts, annotator_top, ranked, floor=0.2)
     assert kept == 1
     assert p2.tolist() == [False] * 5 + [True] * 3  # the ranked rows of class 2 only; the tied row 4 is not named
     assert torch.equal(s2[5:], torch.tensor([[0.0, 0.0, 1.0]] * 3)) and torch.equal(w2[5:], torch.ones(3))
     assert torch.equal(s2[:5], scores[:5]) and torch.equal(w2[:5], w[:5])
     assert torch.equal(scores[5], torch.tensor([0.6, 0.4, 0.0])) and not p.any()  # inputs untouched
-    # the same class picked once for its 3 named rows: above a fifth of them, not lost; below a half, lost
-    picked = scores.clone()
-    picked[5] = torch.tensor([0.1, 0.1, 0.8])
-    assert keep_lost_classes(picked, w, p, annotator_top, ranked, floor=0.2)[3] == 0
-    assert keep_lost_classes(picked, w, p, annotator_top, ranked, floor=0.5)[3] == 1
+    # class 2 predicted once for its 3 named rows: above a fifth of them, not lost; below a half, lost
+    once = torch.tensor([5.0, 2.0, 1.0])
+    assert keep_lost_classes(scores, w, p, once, annotator_top, ranked, floor=0.2)[3] == 0
+    assert keep_lost_classes(scores, w, p, once, annotator_top, ranked, floor=0.5)[3] == 1
     # a class the annotator never ranks first is never "lost" (a truly absent class stays absent)
     none = annotator_top.clone()
     none[4:] = 0
-    assert keep_lost_classes(scores, w, p, none, ranked, floor=0.9)[3] == 0
+    assert keep_lost_classes(scores, w, p, torch.tensor([8.0, 0.0, 0.0]), none, ranked, floor=0.9)[3] == 1  # class 1 only
+    assert keep_lost_classes(scores, w, p, torch.tensor([6.0, 2.0, 0.0]), none, ranked, floor=0.9)[3] == 0

@@ -206,24 +206,23 @@ def prediction_balance(counts: Tensor) -> dict[str, float]:
 
 
 def keep_lost_classes(
-    scores: Tensor, w: Tensor, p_mask: Tensor, annotator_top: Tensor, ranked: Tensor, *, floor: float
+    scores: Tensor, w: Tensor, p_mask: Tensor, counts: Tensor, annotator_top: Tensor, ranked: Tensor, *, floor: float
 ) -> tuple[Tensor, Tensor, Tensor, int]:
     """Not in any paper (`--keep-classes F`): a class the network has lost is taught again from the annotator.
 
-    A class c is lost when the network picks it inside the candidate set (argmax of `scores`) for fewer than
-    F times the rows whose annotator's top class inside the set is c (`annotator_top`, counted over the `ranked`
-    rows only: a tied top, a synthetic annotator's uniform set, names no class). Such a class has no rows in a
-    class-wise division and no mass in the network's targets, so self-training cannot bring it back (accuracy_
-    notes.md §40). Its ranked rows are put in P with w = 1 and the annotator's one-hot as their masked score,
-    so their co-pseudo-label is the annotator's label, exactly as a trusted row's is its human label. The test
-    is relative to the annotator's own count, not to equal shares, so a class the annotator itself finds rare is
-    not pushed above it. `scores` (N, C), `w` (N,), `p_mask` (N,) bool, `annotator_top` (N,) long, `ranked`
-    (N,) bool. Returns copies (scores, w, p_mask) and the number of classes kept this way.
+    A class c is lost when the network predicts it (`counts`, (C,): its argmax over all classes on the training
+    rows, what it would predict at test time) for fewer than F times the rows whose annotator's top class inside
+    the set is c (`annotator_top`, counted over the `ranked` rows only: a tied top, a synthetic annotator's
+    uniform set, names no class). Such a class gets no mass in the network's targets, so self-training cannot
+    bring it back (accuracy_notes.md §40-41). Its ranked rows are put in P with w = 1 and the annotator's one-hot
+    as their masked score, so their co-pseudo-label is the annotator's label, as a trusted row's is its human
+    label. The test is relative to the annotator's own count, not to equal shares, so a class the annotator
+    itself finds rare is not pushed above it. `scores` (N, C), `w` (N,), `p_mask` (N,) bool, `annotator_top`
+    (N,) long, `ranked` (N,) bool. Returns copies (scores, w, p_mask) and the number of classes kept this way.
     """
     n_classes = scores.shape[1]
-    picked = torch.bincount(scores.argmax(1), minlength=n_classes).float()  # (C,)
-    named = torch.bincount(annotator_top[ranked], minlength=n_classes).float()  # (C,)
-    lost = (named > 0) & (picked < floor * named)  # (C,)
+    named = torch.bincount(annotator_top[ranked], minlength=n_classes).to(counts.dtype)  # (C,)
+    lost = (named > 0) & (counts < floor * named)  # (C,)
     rows = ranked & lost[annotator_top]  # (N,)
     if not bool(rows.any()):
         return scores, w, p_mask, 0

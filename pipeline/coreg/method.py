@@ -180,7 +180,7 @@ class CoReg(TwoNetworks):
         kept = 0
         if self.cfg.keep_classes > 0:  # not in any paper: a class this network lost is taught from the annotator
             inset = ranked_targets(ctx.vlm_probs, cand)
-            scores, w, p_mask, kept = keep_lost_classes(scores, w, p_mask, inset.argmax(1), top_targets(inset).amax(1) == 1,
+            scores, w, p_mask, kept = keep_lost_classes(scores, w, p_mask, counts, inset.argmax(1), top_targets(inset).amax(1) == 1,
                                                         floor=self.cfg.keep_classes)
         return {"w": w, "p": p_mask, "scores": scores, "counts": counts, "mean": mean, "raw": raw, "kept": kept}
 
