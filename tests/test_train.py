@@ -47,7 +47,7 @@ def test_train_writes_model_directory(ann, tmp_path):
               "net1/diag_pseudo_acc_p", "net1/diag_p_valid", "net1/pred_classes", "net1/pred_min_share"):
         assert k in last, k
     assert all(np.isfinite(v) for m in lines for v in m.values() if isinstance(v, float))
-    assert last["net1/n_p"] + last["net1/n_u"] == 40
+    assert last["net1/n_p"] + last["net1/n_u"] == 40 and last["net1/kept_classes"] == 0  # --keep-classes is off
     assert 1 <= last["net1/pred_classes"] <= 3 and "net1/pred_classes" in lines[0]  # warm-up epochs log it too
     w = weights(out)
     assert any(k.startswith("net1.") for k in w) and any(k.startswith("net2.") for k in w)
@@ -59,7 +59,8 @@ def test_train_writes_model_directory(ann, tmp_path):
     assert model.probs(x).shape == (2, 3)
 
 
-@pytest.mark.parametrize("extra", [(), ("--ema-epochs", "1", "--ema-teach")], ids=["default", "weight-average"])
+@pytest.mark.parametrize("extra", [(), ("--ema-epochs", "1", "--ema-teach"), ("--keep-classes", "1")],
+                         ids=["default", "weight-average", "keep-classes"])
 def test_resume_equals_uninterrupted(ann, tmp_path, extra):
     full, part = tmp_path / "full", tmp_path / "part"
     # a fixed cosine period: "interrupted" is emulated by a shorter --epochs, and with the default preset's
@@ -70,6 +71,9 @@ def test_resume_equals_uninterrupted(ann, tmp_path, extra):
     assert train(ann, part, "--epochs", "2", *fixed).exit_code == 0  # "interrupted" after epoch 2
     r = train(ann, part, "--epochs", "3", "--resume", *fixed)
     assert r.exit_code == 0, r.output
+    if "--keep-classes" in extra:  # at F = 1 a class predicted for fewer rows than the annotator names is kept
+        kept = [json.loads(x).get("net1/kept_classes", 0) for x in (full / "metrics.jsonl").read_text().splitlines()]
+        assert any(k >= 1 for k in kept), kept
     a, b = weights(full), weights(part)
     assert a.keys() == b.keys()
     for k in a:
