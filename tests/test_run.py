@@ -104,23 +104,28 @@ def test_labeled_folder_then_resume_keep_and_redo(tmp_path, clip, monkeypatch):
     assert (out / "annotated/dataset_dict.json").stat().st_mtime_ns != before["annotated/dataset_dict.json"]
 
 
-def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, clip, monkeypatch):
-    images = make_image_folder(tmp_path / "imgs", classes=CLASSES, n_per_class=6, size=16, split=("train", "test"))
-    out = tmp_path / "out"
+def interrupted_run(images, out, clip, monkeypatch):
+    """`coreg run` killed right after the first epoch's checkpoint (TINY: the warm-up's only epoch)."""
     from pipeline import checkpoint
 
     real = checkpoint.save_checkpoint
 
     def save_then_stop(out_dir, *, epoch, method, config, scaler=None):
         real(out_dir, epoch=epoch, method=method, config=config, scaler=scaler)
-        raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+        raise KeyboardInterrupt
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_stop)
     res = coreg_run(images, out, clip)
-    assert res.exit_code == 130
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real)
+    return res
+
+
+def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, clip, monkeypatch):
+    images = make_image_folder(tmp_path / "imgs", classes=CLASSES, n_per_class=6, size=16, split=("train", "test"))
+    out = tmp_path / "out"
+    assert interrupted_run(images, out, clip, monkeypatch).exit_code == 130
     assert stages(out)["annotate"]["status"] == "done" and stages(out)["train"]["status"] == "running"
     annotated = (out / "annotated/dataset_dict.json").stat().st_mtime_ns
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real)
     res = coreg_run(images, out, clip)
     assert res.exit_code == 0, res.output
     assert "annotate: kept" in res.output and "train: resumed from its checkpoint" in res.output
@@ -133,20 +138,10 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, clip, monkey
 def test_run_continues_a_checkpoint_exactly_where_train_would(tmp_path, clip, monkeypatch):
     # `coreg run` asks train's own question (pipeline/checkpoint.check_resumable, of the preset-resolved options):
     # an option Co-Reg reads only after the warm-up may change while the checkpoint is still in it, so the run
-    # continues (a key of the given options restarted it); a changed seed shaped the epochs run: it starts over
+    # continues (a key of the given options restarted it); once self-training has read it, a change starts over
     images = make_image_folder(tmp_path / "imgs", classes=CLASSES, n_per_class=6, size=16, split=("train", "test"))
     out = tmp_path / "out"
-    from pipeline import checkpoint
-
-    real = checkpoint.save_checkpoint
-
-    def save_then_stop(out_dir, *, epoch, method, config, scaler=None):
-        real(out_dir, epoch=epoch, method=method, config=config, scaler=scaler)
-        raise KeyboardInterrupt  # killed after the first epoch, the warm-up's only one (TINY: --warmup-epochs 1)
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_stop)
-    assert coreg_run(images, out, clip).exit_code == 130
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real)
+    assert interrupted_run(images, out, clip, monkeypatch).exit_code == 130
     res = coreg_run(images, out, clip, "--p-threshold", "0.6")
     assert res.exit_code == 0, res.output
     assert "train: resumed from its checkpoint" in res.output and "at epoch 1" in res.output
