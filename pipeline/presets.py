@@ -138,18 +138,18 @@ def annotator_skew(candidates, vlm_probs) -> tuple[float, int, float] | None:
     ranked rows per class remain. `candidates` (N, C) bool, `vlm_probs` (N, C)."""
     import torch
 
-    from pipeline.coreg.losses import ranked_targets, top_targets
+    from pipeline.coreg.losses import annotator_top, ranked_targets
 
     # exactly the warm-up's targets: the annotator's ranking inside the set, and its top with vlm-hard's tie rule
     inset = ranked_targets(torch.as_tensor(vlm_probs), torch.as_tensor(candidates, dtype=torch.bool)).double()
     n_classes = inset.shape[1]
     if len(inset) == 0 or n_classes < 2:
         return None
-    ranked = top_targets(inset).amax(1) == 1  # a single top (a one-label set always has one)
+    top, ranked = annotator_top(inset)  # a single top (a one-label set always has one)
     if int(ranked.sum()) < SKEW_MIN_ROWS * n_classes:
         return None
     two = inset[ranked].topk(2, dim=1).values  # (R, 2) the two highest in-set scores (0 outside the set)
-    counts = torch.bincount(inset[ranked].argmax(1), minlength=n_classes)
+    counts = torch.bincount(top[ranked], minlength=n_classes)
     c = int(counts.argmin())
     margin = float((two[:, 0] - two[:, 1]).mean())
     return float(counts[c] * n_classes / ranked.sum()), c, margin

@@ -167,7 +167,7 @@ def test_co_division_order_and_key_resync():
     m, ctx = make_method(make_cfg()), make_ctx()
     log = []
 
-    def divide(epoch, i, n, ctx, cand):
+    def divide(epoch, i, n, ctx, cand, top=None):
         log.append(("divide", n))
         return {"tag": n, "counts": torch.ones(C)}
 

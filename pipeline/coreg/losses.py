@@ -75,6 +75,13 @@ def top_targets(targets: Tensor) -> Tensor:
     return top.float() / top.sum(1, keepdim=True)
 
 
+def annotator_top(inset: Tensor) -> tuple[Tensor, Tensor]:
+    """(top (N,) long, ranked (N,) bool) of `ranked_targets`' output: each row's top class inside its set, and
+    whether that top is single (a one-label set always is); a tied top, a synthetic annotator's uniform set,
+    names no class. Read by the very weak rule (pipeline/presets.py) and by --keep-classes."""
+    return inset.argmax(1), top_targets(inset).amax(1) == 1
+
+
 def balanced_scores(q: Tensor, mean: Tensor, *, floor: float = 0.0) -> Tensor:
     """q / p̄ (distribution alignment to equal shares): every class's score divided by the batch's mean
     prediction p̄ (C,). `floor` > 0 (`--class-floor`, not in any paper): divided by min(p̄_j, floor/C) instead, so

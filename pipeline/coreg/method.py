@@ -32,7 +32,7 @@ from pipeline.coreg.division import (
     prediction_balance,
     split,
 )
-from pipeline.coreg.losses import ranked_targets, top_targets
+from pipeline.coreg.losses import annotator_top, ranked_targets, top_targets
 from pipeline.coreg.prototypes import Prototypes
 from pipeline.coreg.pseudo_labels import sharpen
 from pipeline.coreg.queue import FeatureQueue, copy_weights
@@ -99,7 +99,9 @@ class CoReg(TwoNetworks):
             return {"phase": 0.0, "lr": lr, **metrics}
         for n in NETS:  # code-only: key encoders re-synced at the start of every post-warm-up epoch (§3.6)
             copy_weights(self.keys[n], self.raw[n])
-        div = {n: self._divide(epoch, i, n, ctx, cand) for i, n in enumerate(NETS)}  # both before training
+        # --keep-classes (not in any paper): the annotator's single top inside each set, once for both networks
+        top = annotator_top(ranked_targets(ctx.vlm_probs, cand)) if cfg.keep_classes > 0 else None
+        div = {n: self._divide(epoch, i, n, ctx, cand, top) for i, n in enumerate(NETS)}  # both before training
         metrics = {"phase": 1.0, "lr": lr}
         for i, (n, partner) in enumerate((("net1", "net2"), ("net2", "net1"))):
             m = self._train(epoch, i, n, partner, div[partner], div[n], ctx)
@@ -147,7 +149,7 @@ class CoReg(TwoNetworks):
         return {**mean_over(sums, total, ctx), **prediction_balance(ctx.dist.all_reduce_sum(counts))}
 
     @torch.no_grad()
-    def _divide(self, epoch, i, n, ctx, cand) -> dict[str, Tensor]:
+    def _divide(self, epoch, i, n, ctx, cand, top=None) -> dict[str, Tensor]:
         """§3.2 eval_train: weak view of every row in eval mode → DA → division loss → history → GMM → split."""
         net, aug, N, dist = self.predictor(n, self.cfg.ema_teach), ctx.augment, ctx.n, ctx.dist  # --ema-teach: the average
         was = net.training
@@ -178,10 +180,8 @@ class CoReg(TwoNetworks):
             w = torch.as_tensor(gmm_clean_prob(loss.cpu().numpy(), seed=seed))
         p_mask, w = split(w.to(ctx.device).float(), threshold=self.cfg.p_threshold, forced_clean=ctx.trusted)
         kept = 0
-        if self.cfg.keep_classes > 0:  # not in any paper: a class this network lost is taught from the annotator
-            inset = ranked_targets(ctx.vlm_probs, cand)
-            scores, w, p_mask, kept = keep_lost_classes(scores, w, p_mask, counts, inset.argmax(1), top_targets(inset).amax(1) == 1,
-                                                        floor=self.cfg.keep_classes)
+        if top is not None:  # --keep-classes, not in any paper: a class this network lost is taught from the annotator
+            scores, w, p_mask, kept = keep_lost_classes(scores, w, p_mask, counts, *top, floor=self.cfg.keep_classes)
         return {"w": w, "p": p_mask, "scores": scores, "counts": counts, "mean": mean, "raw": raw, "kept": kept}
 
     def _train(self, epoch, i, n, partner, div, own, ctx) -> dict[str, float]:
