@@ -34,6 +34,10 @@ def stages(out):
     return json.loads((out / "run.json").read_text())["stages"]
 
 
+def logged_epochs(out):
+    return [json.loads(x)["epoch"] for x in (out / "model" / "metrics.jsonl").read_text().splitlines()]
+
+
 def mtimes(out):
     files = ("annotated/dataset_dict.json", "model/model.safetensors", "report/report.json")
     return {f: (out / f).stat().st_mtime_ns for f in files}
@@ -95,7 +99,7 @@ def test_labeled_folder_then_resume_keep_and_redo(tmp_path, clip, monkeypatch):
     assert "annotate: kept" in res.output and "train: started over (its checkpoint was written with other options)" in res.output
     assert (out / "annotated/dataset_dict.json").stat().st_mtime_ns == before["annotated/dataset_dict.json"]
     assert json.loads((out / "model" / "config.json").read_text())["seed"] == 1
-    assert [json.loads(x)["epoch"] for x in (out / "model" / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert logged_epochs(out) == [0, 1, 2]
 
     # 5. a changed annotate option redoes everything
     res = coreg_run(images, out, clip, "--epochs", "3", "--seed", "1", "--candidates", "topk:2")
@@ -131,8 +135,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, clip, monkey
     assert "annotate: kept" in res.output and "train: resumed from its checkpoint" in res.output
     assert "resuming" in res.output and "at epoch 1" in res.output
     assert (out / "annotated/dataset_dict.json").stat().st_mtime_ns == annotated
-    epochs = [json.loads(x)["epoch"] for x in (out / "model" / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [0, 1]
+    assert logged_epochs(out) == [0, 1]
 
 
 def test_run_continues_a_checkpoint_exactly_where_train_would(tmp_path, clip, monkeypatch):
@@ -145,8 +148,7 @@ def test_run_continues_a_checkpoint_exactly_where_train_would(tmp_path, clip, mo
     res = coreg_run(images, out, clip, "--p-threshold", "0.6")
     assert res.exit_code == 0, res.output
     assert "train: resumed from its checkpoint" in res.output and "at epoch 1" in res.output
-    epochs = [json.loads(x)["epoch"] for x in (out / "model" / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [0, 1]
+    assert logged_epochs(out) == [0, 1]
     assert json.loads((out / "model" / "config.json").read_text())["train_config"]["p_threshold"] == 0.6
     res = coreg_run(images, out, clip, "--p-threshold", "0.6", "--epochs", "3")  # more epochs continue the run
     assert res.exit_code == 0, res.output
@@ -154,8 +156,7 @@ def test_run_continues_a_checkpoint_exactly_where_train_would(tmp_path, clip, mo
     res = coreg_run(images, out, clip, "--p-threshold", "0.7", "--epochs", "3")  # read by the epochs run: refused
     assert res.exit_code == 0, res.output
     assert "train: started over (its checkpoint was written with other options)" in res.output
-    epochs = [json.loads(x)["epoch"] for x in (out / "model" / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [0, 1, 2] and "resuming" not in res.output
+    assert logged_epochs(out) == [0, 1, 2] and "resuming" not in res.output
 
 
 def test_flat_folder_runs_without_labels_and_says_so(tmp_path, clip):
