@@ -130,6 +130,26 @@ def slug(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "._" else "_" for ch in text.replace("|", "__").replace("=", "")).strip("_")
 
 
+def environment() -> dict:
+    """What a run's exact numbers depend on besides the code, its options and its seed: training is deterministic
+    on one machine and library set, not across them (a new machine moved single Co-Reg runs by up to 4.8 points at
+    the same commit, bench/results/accuracy_notes.md §43). Stored with every result so that a table says which of
+    its runs were made elsewhere; per-seed differences between two environments are not paired comparisons."""
+    import platform
+
+    import numpy
+    import sklearn
+    import torch
+
+    cpu = platform.processor()
+    try:  # Linux: the CPU's model name; the kernels torch picks follow its instruction set (`cpu` below)
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").open() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+            "sklearn": sklearn.__version__, "cpu": torch.backends.cpu.get_cpu_capability(), "cpu_model": cpu}  # fmt: skip
+
+
 def run_one(method: str, setting: str, seed: int, ann: Path, work: Path, args) -> dict:
     from bench.accuracy_data import cli
 
@@ -175,7 +195,7 @@ def run_one(method: str, setting: str, seed: int, ann: Path, work: Path, args) -
         "test_bal_acc": report["student_balanced_accuracy"], "zero_shot_bal_test": report["zero_shot_balanced_accuracy"],
         "train_coverage": train_stats["coverage"], "train_mean_candidates": train_stats["mean_candidates"],
         "train_zero_shot": train_stats["zero_shot_accuracy"], "wall_s": wall, "options": options,
-        "diag": diagnostics(model), "preset": preset, "subset": args.subset,
+        "diag": diagnostics(model), "preset": preset, "subset": args.subset, "env": args.env,
     }  # fmt: skip
     res_file.parent.mkdir(parents=True, exist_ok=True)
     res_file.write_text(json.dumps(res, indent=1))
@@ -230,6 +250,7 @@ def main() -> None:
     args.classes = classes
     args.n_train = sum(class_counts(args.train_per_class, len(classes), args.imbalance))
     args.n_test = sum(class_counts(args.test_per_class, len(classes), args.imbalance))
+    args.env = environment()
     args.reused = {}
     for f in args.reuse:
         for res in json.loads(Path(f).read_text()):

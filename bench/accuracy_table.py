@@ -129,6 +129,13 @@ def table(results: list[dict], args, *, options: list[str], methods: tuple[str, 
                     f"{ms(d('diag_pseudo_acc_p'))} | {ms(d('diag_pseudo_acc_u'))} |"
                 )
             lines.append("")
+    other = [r for r in results if r.get("env") != getattr(args, "env", None)]
+    if other:  # --reuse of runs made on another machine or library set (or before bench/accuracy.py recorded it)
+        lines += ["## Runs from another environment", "",
+                  f"{len(other)} of the {len(results)} runs were made in another environment (another CPU or library "
+                  "versions, or before the benchmark recorded them) and taken from an earlier session's results. A run "
+                  "is deterministic within one environment only (notes §43: a new machine moved single Co-Reg runs "
+                  "by up to 4.8 points), so compare methods per seed only between runs of the same environment.", ""]  # fmt: skip
     stale = [r for r in results if r.get("stale_preset")]
     if stale:  # --table-only over results trained before pipeline/presets.py changed: shown, never mixed silently
         lines += ["## Rows trained under earlier default-preset rules", "",

@@ -86,17 +86,21 @@ def test_accuracy(data):
                 "--settings", "clean;instance:shots=1", "--methods", "coreg,ce", "--reuse", str(data / "acc.json"),
                 "--out", str(data / "acc2.md"), cwd=data)  # fmt: skip
     assert "test acc" not in out and "| coreg |" in (data / "acc2.md").read_text()
+    assert "another environment" not in (data / "acc2.md").read_text()  # reused from this machine: paired runs
+    assert all(r["env"]["torch"] and r["env"]["cpu"] for r in saved)  # every run records where it was made
     # --table-only over committed runs made under other preset rules: shown and flagged, never retrained
     saved = json.loads((data / "acc.json").read_text())
     for r in saved:
         if r["method"] == "coreg":
             r["preset"] = {**r["preset"], "warmup_loss": "an-older-rule"} if isinstance(r.get("preset"), dict) else "older"
+            del r["env"]  # made before the benchmark recorded its environment
     (data / "old.json").write_text(json.dumps(saved))
     out = bench("accuracy.py", *[a if a != str(data / "acc") else str(data / "acc3") for a in common],
                 "--settings", "clean;instance:shots=1", "--methods", "coreg,ce", "--reuse", str(data / "old.json"),
                 "--out", str(data / "acc3.md"), "--table-only", cwd=data)  # fmt: skip
     text = (data / "acc3.md").read_text()
     assert "test acc" not in out and "| coreg |" in text and "earlier default-preset rules" in text
+    assert "runs were made in another environment" in text and "## Runs from another environment" in text
 
 
 def test_accuracy_methods_keep_a_comma_inside_options():
