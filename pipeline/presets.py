@@ -82,7 +82,8 @@ so on small data they are re-derived to mean the same per unit of training, and 
 
 Measured and not adopted (each stays an option, the default keeps the paper's value): `partner_scores=vlm`
 (the annotator's probabilities in the partner's P scores: −0.1 / −0.0 points when switched back, 3 seeds,
-bench/results/ablation_v3.md; dropped), `ema_epochs` / `ema_teach` (weight averages to predict / to teach with:
+bench/results/ablation_v3.md; dropped; on the long-tailed dev folder too, where the annotator's ranking is free of
+the folder's class mix that biases the network: −0.01 over 9 runs, accuracy_notes.md §43), `ema_epochs` / `ema_teach` (weight averages to predict / to teach with:
 no gain at the end of a cosine schedule, bench/results/accuracy_notes.md §15), `u_confidence` (U back, but only its
 rows with a confident co-guess: 99% right yet too few to matter, accuracy_notes.md §17; not preset-managed, 0 = off).
 
