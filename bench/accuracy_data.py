@@ -100,16 +100,18 @@ def load_folder(root: Path, classes: list[str]):
 
 
 # ------------------------------------------------------------------------------------------ annotate
-def annotate_instance(images: Path, pool: Path, classes: list[str], out: Path, *, seed: int, shots: int, reg: float = 1.0) -> None:
+def annotate_instance(images: Path, pool: Path, classes: list[str], out: Path, *, seed: int, shots: int, reg: float = 1.0,
+                      prompts: tuple[str, ...] | None = None) -> None:
     """The instance-dependent annotator → a dataset in the stage contract (DESIGN.md) + annotation.json.
-    `shots` (labelled pool images per class per prompt) and `reg` (inverse L2 strength) set its accuracy."""
+    `shots` (labelled pool images per class per prompt) and `reg` (inverse L2 strength) set its accuracy;
+    `prompts` (a subset of PROMPTS; None = all five) its coverage: a union of fewer prompts misses more true labels."""
     import datasets
 
     from bench.instance_annotator import PROMPTS, InstanceAnnotator
     from pipeline.schema import features
 
     px, py, _ = load_folder(pool, classes)
-    ann = InstanceAnnotator(shots=shots, seed=seed, reg=reg).fit(px, py)
+    ann = InstanceAnnotator(shots=shots, seed=seed, reg=reg, prompts=prompts or PROMPTS).fit(px, py)
     feats = features(classes)
     feats["votes"] = datasets.Sequence(datasets.Value("int32"))
     splits, stats = {}, {}
@@ -125,7 +127,7 @@ def annotate_instance(images: Path, pool: Path, classes: list[str], out: Path, *
         }, features=feats)  # fmt: skip
         stats[split] = annotator_stats(cand, a["vlm_pred"], y)
     datasets.DatasetDict(splits).save_to_disk(str(out))
-    info = {"annotator": "bench-instance", "prompts": list(PROMPTS), "shots_per_class": shots, "reg": reg, "seed": seed,
+    info = {"annotator": "bench-instance", "prompts": list(ann.prompts), "shots_per_class": shots, "reg": reg, "seed": seed,
             "candidate_rule": "union", "classes": classes, "stats": stats}  # fmt: skip
     (out / "annotation.json").write_text(json.dumps(info, indent=1))
 
@@ -141,13 +143,16 @@ def annotate(setting: str, seed: int, images: Path, pool: Path, classes: list[st
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     if setting == "instance" or setting.startswith("instance:"):
-        opts = dict(kv.split("=") for kv in setting.split(":", 1)[1].split(",")) if ":" in setting else {}
+        opts = dict(kv.split("=", 1) for kv in setting.split(":", 1)[1].split(",")) if ":" in setting else {}
+        if set(opts) - {"shots", "reg", "prompts"}:
+            raise SystemExit(f"setting {setting!r}: instance takes shots=K, reg=R and prompts=A+B only")
         annotate_instance(images, pool, classes, out, seed=seed, shots=int(opts.get("shots", args.shots)),
-                          reg=float(opts.get("reg", 1.0)))  # fmt: skip
+                          reg=float(opts.get("reg", 1.0)),
+                          prompts=tuple(opts["prompts"].split("+")) if "prompts" in opts else None)  # fmt: skip
     elif setting == "clean" or setting.startswith("synthetic:"):
         noise = "q=0,eta=0" if setting == "clean" else setting.split(":", 1)[1]
         cli("annotate", str(images), str(out), "--annotator", "synthetic", "--noise", noise,
             "--seed", str(seed), "--num-workers", "1", threads=args.threads)  # fmt: skip
     else:
-        raise SystemExit(f"unknown setting {setting!r}: use clean, synthetic:q=Q,eta=E, instance or instance:shots=K,reg=R")
+        raise SystemExit(f"unknown setting {setting!r}: use clean, synthetic:q=Q,eta=E, instance or instance:shots=K,reg=R,prompts=A+B")
     return out

@@ -215,3 +215,24 @@ def test_gpu_script_plans_and_runs_its_ceiling_table(data, tmp_path):
     r = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), str(data / "cifar"), str(tmp_path / "res2")], cwd=REPO,
                        env={**env, "POOL_PER_CLASS": "4"}, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 2 and "not more than POOL_PER_CLASS=4" in r.stderr
+
+
+def test_instance_annotator_prompts_subset():
+    """`instance:...,prompts=A+B` (bench/accuracy_data.py): the union of fewer prompts, so smaller sets and lower
+    coverage; each kept prompt sees the same few shots as in the five-prompt annotator; a typo stops the run."""
+    import numpy as np
+    import torch
+
+    from bench.instance_annotator import PROMPTS, InstanceAnnotator
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (60, 3, 16, 16), generator=g, dtype=torch.uint8)
+    y = np.repeat(np.arange(3), 20)
+    full = InstanceAnnotator(shots=5, seed=1).fit(x, y).annotate(x)
+    two = InstanceAnnotator(shots=5, seed=1, prompts=("layout", "gradient")).fit(x, y).annotate(x)
+    assert full["votes"].shape == (60, len(PROMPTS)) and two["votes"].shape == (60, 2)
+    assert (two["candidates"].sum(1) <= 2).all() and (two["candidates"].sum(1) >= 1).all()
+    # the kept prompts keep their draws and votes: gradient and layout are prompts 1 and 2 of the five
+    assert (two["votes"] == full["votes"][:, [1, 2]]).all()
+    with pytest.raises(SystemExit, match="unknown prompts"):
+        InstanceAnnotator(prompts=("colour", "texture"))
