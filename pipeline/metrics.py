@@ -59,7 +59,10 @@ def overrule_stats(pred: np.ndarray, vlm_pred: np.ndarray, candidates: np.ndarra
 
     `outside_candidates`: the student's class is not in the row's candidate set. Only learning across rows can
     do that, so its accuracy there is the label purification the student adds. `disagree_with_vlm`: the
-    student's class differs from the VLM's top-1 (its zero-shot prediction).
+    student's class differs from the VLM's top-1 (its zero-shot prediction). `vlm_errors`: the labeled rows
+    where the VLM's top-1 is wrong, and how often the student repeats that wrong class (`copied`) or is right
+    there (`student_correct`): a student that copies most of them has learned the annotator, not the classes
+    (bench/results/accuracy_notes.md §45: CIFAR-10 students copy about half, where they lose to the annotator).
     """
     n = len(pred)
     known = label >= 0
@@ -80,7 +83,16 @@ def overrule_stats(pred: np.ndarray, vlm_pred: np.ndarray, candidates: np.ndarra
             "vlm_accuracy": _ratio((m_known & vlm_right).sum(), m_known.sum()),
         }
 
-    return {"outside_candidates": block(outside), "disagree_with_vlm": block(disagree)}
+    wrong = known & ~vlm_right
+    copied = wrong & ~disagree
+    errors = {
+        "count": int(wrong.sum()),
+        "copied": int(copied.sum()),
+        "copied_share": _ratio(copied.sum(), wrong.sum()),
+        "student_correct": int((wrong & right).sum()),
+        "student_accuracy": _ratio((wrong & right).sum(), wrong.sum()),
+    }
+    return {"outside_candidates": block(outside), "disagree_with_vlm": block(disagree), "vlm_errors": errors}
 
 
 def overrule_rows(

@@ -106,6 +106,13 @@ def _label_section(r: dict) -> str:
             f" ({pct(out['student_accuracy'])}); the VLM top-1 on {out['vlm_correct']}." if out["labeled"] else "."
         )
         lines[2] += f" Of the {dis['labeled']} labeled ones the student is right on {dis['student_correct']}, the VLM on {dis['vlm_correct']}."
+        err = r.get("vlm_errors")  # absent from reports written before it existed
+        if err and err["count"]:
+            lines.append(
+                f"- Where the VLM's top-1 is wrong ({err['count']} labeled rows) the student repeats its class on "
+                f"{err['copied']} ({pct(err['copied_share'])}) and is right on {err['student_correct']} "
+                f"({pct(err['student_accuracy'])}): a student that repeats most of them has learned the VLM's mistakes."
+            )
     return "\n".join(lines)
 
 

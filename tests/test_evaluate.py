@@ -77,6 +77,8 @@ def test_exact_report_on_known_predictions(tmp_path, model, capsys):
     dis = r["disagree_with_vlm"]  # rows 1-4; student right on 1, 3, 4; VLM on 2
     assert (dis["count"], dis["student_correct"], dis["vlm_correct"]) == (4, 3, 1)
     assert r["agreement_with_vlm"] == pytest.approx(2 / 6)
+    err = r["vlm_errors"]  # the VLM is wrong on 4 rows: the student is right on 3 of them and repeats the 4th
+    assert (err["count"], err["copied"], err["student_correct"]) == (4, 1, 3)
     assert r["prediction_counts"] == {"cat": 0, "dog": 6, "fox": 0}
     # cost: the VLM figures come from annotation.json; ratios follow from them
     s, v = r["cost"]["student"], r["cost"]["vlm"]
@@ -88,6 +90,7 @@ def test_exact_report_on_known_predictions(tmp_path, model, capsys):
     for f in r["figures"].values():
         assert (out / f).stat().st_size > 1000
     md = (out / "report.md").read_text()
+    assert "the student repeats its class on 1 (25.0%) and is right on 3 (75.0%)" in md
     assert "points more accurate" in md and "| dog | 4 | 100.0% | 25.0% | +75.0 pts |" in md
     assert "![Student confusion matrix](confusion_student.png)" in md
     printed = capsys.readouterr().out
@@ -101,6 +104,7 @@ def test_without_labels_reports_agreement_and_says_accuracy_is_unknown(tmp_path,
     assert not r["labels_known"] and r["student_accuracy"] is None and r["zero_shot_accuracy"] is None
     assert r["candidate_coverage"] is None and r["mean_candidates"] == pytest.approx(8 / 6)
     assert r["agreement_with_vlm"] == pytest.approx(2 / 6)
+    assert r["vlm_errors"]["count"] == 0 and r["vlm_errors"]["copied_share"] is None  # no label, no known error
     assert r["outside_candidates"]["count"] == 3 and r["outside_candidates"]["labeled"] == 0
     assert set(r["figures"]) == {"distribution", "overrules"}
     assert not (out / "confusion_student.png").exists()

@@ -57,6 +57,11 @@ def test_overrule_stats():
     dis = s["disagree_with_vlm"]
     # student != vlm: rows 1, 4, 5; row1 student right, row4 vlm right
     assert (dis["count"], dis["labeled"], dis["student_correct"], dis["vlm_correct"]) == (3, 2, 1, 1)
+    err = s["vlm_errors"]
+    # VLM wrong on labeled rows 1 (1 for 0) and 2 (1 for 0); the student repeats row 2's class and is right on row 1
+    assert (err["count"], err["copied"], err["student_correct"]) == (2, 1, 1) and err["copied_share"] == pytest.approx(0.5)
+    none = overrule_stats(STUDENT, VLM, CANDS, np.full(6, -1))["vlm_errors"]  # no labels: nothing to count
+    assert (none["count"], none["copied_share"]) == (0, None)
 
 
 def test_overrule_rows_put_outside_set_calls_first():
