@@ -211,7 +211,7 @@ def main() -> None:
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10"), help="CIFAR-10 image folder (train/, test/)")
     p.add_argument("--work", default="/tmp/coreg-bench-accuracy", help="annotations, models and cached results")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "accuracy.md"))
-    p.add_argument("--settings", default=";".join(DEFAULT_SETTINGS), help="';'-separated: synthetic:q=Q,eta=E and/or instance")
+    p.add_argument("--settings", default=";".join(DEFAULT_SETTINGS), help="';'-separated: clean, synthetic:q=Q,eta=E and/or instance[:shots=K,reg=R,prompts=A+B]")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--train-per-class", type=int, default=300)
