@@ -84,13 +84,13 @@ def overrule_stats(pred: np.ndarray, vlm_pred: np.ndarray, candidates: np.ndarra
         }
 
     wrong = known & ~vlm_right
-    copied = wrong & ~disagree
+    copied, fixed = wrong & ~disagree, wrong & right  # the student repeats the VLM's class / gives the true one
     errors = {
         "count": int(wrong.sum()),
         "copied": int(copied.sum()),
         "copied_share": _ratio(copied.sum(), wrong.sum()),
-        "student_correct": int((wrong & right).sum()),
-        "student_accuracy": _ratio((wrong & right).sum(), wrong.sum()),
+        "student_correct": int(fixed.sum()),
+        "student_accuracy": _ratio(fixed.sum(), wrong.sum()),
     }
     return {"outside_candidates": block(outside), "disagree_with_vlm": block(disagree), "vlm_errors": errors}
 
